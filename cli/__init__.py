@@ -1,0 +1,1 @@
+"""The ``latentdiag`` command line (installed as ``latentdiag.cli``)."""

@@ -1,0 +1,67 @@
+"""Device, evaluation mode and seeding for estimators: run a model the same way whatever state it arrives in."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None, model: Any = None) -> torch.device:
+    """The device to run on: the one given, else the model's (its first parameter or buffer), else CPU.
+
+    ``"auto"`` means CUDA when available, else CPU.
+    """
+    if device is None:
+        return model_device(model)
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {device!r} but CUDA is not available on this machine; use device='cpu'.")
+    return resolved
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of a model's first parameter or buffer; CPU for a model that holds none."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluation(model: Any) -> Iterator[None]:
+    """Put an ``nn.Module`` in eval mode without gradients, and restore its training flags afterwards.
+
+    Estimators must not see BatchNorm batch statistics or active dropout: those make the numbers depend on
+    how the data are batched.
+    """
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    for module, _ in modes:
+        module.training = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators inside the block only; the caller's random state is restored after."""
+    if seed is None:
+        yield
+        return
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

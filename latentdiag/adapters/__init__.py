@@ -1,0 +1,29 @@
+"""The model protocol and the adapters that make other people's models speak it."""
+
+from latentdiag.adapters.check import ModelCheck, ModelProtocolError, check_model
+from latentdiag.adapters.loading import UnsafeCheckpointError, load_checkpoint, load_factory
+from latentdiag.adapters.modules import LIKELIHOODS, ModuleVAE, from_modules
+from latentdiag.adapters.protocol import (
+    LatentVariableModel,
+    SupportsDecoderLogits,
+    SupportsNumDims,
+    has_capability,
+    require_capability,
+)
+
+__all__ = [
+    "LIKELIHOODS",
+    "LatentVariableModel",
+    "ModelCheck",
+    "ModelProtocolError",
+    "ModuleVAE",
+    "SupportsDecoderLogits",
+    "SupportsNumDims",
+    "UnsafeCheckpointError",
+    "check_model",
+    "from_modules",
+    "has_capability",
+    "load_checkpoint",
+    "load_factory",
+    "require_capability",
+]

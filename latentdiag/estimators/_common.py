@@ -1,0 +1,113 @@
+"""Machinery shared by estimators: one pass over the data accumulating per-datapoint values, and summaries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdiag._batching import DataLike, iter_batches
+from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
+from latentdiag._validation import check_int
+from latentdiag.adapters.protocol import LatentVariableModel
+
+__all__ = ["NonFiniteEstimateError", "per_datapoint_pass", "mean_and_stderr", "per_dim_extras", "check_model_arg"]
+
+_LN2 = math.log(2.0)
+
+
+class NonFiniteEstimateError(ArithmeticError):
+    """A model produced NaN or infinite values where an estimator needs finite ones."""
+
+
+BatchFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+def check_model_arg(model: Any) -> None:
+    """Raise a TypeError naming the missing protocol methods of ``model``."""
+    if not isinstance(model, LatentVariableModel):
+        missing = [m for m in ("encode", "prior", "log_likelihood") if not callable(getattr(model, m, None))]
+        raise TypeError(f"model must follow latentdiag.LatentVariableModel; {type(model).__name__} lacks "
+                        f"{', '.join(m + '()' for m in missing)}.")
+
+
+def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estimator: str, batch_size: int,
+                       seed: int | None, device: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], str]:
+    """Run ``per_batch`` over every batch and concatenate its per-datapoint outputs in data order (float64).
+
+    The model is put in eval mode without gradients and torch's random state is seeded for the pass only.
+    Returns the columns and the device used. Raises :class:`NonFiniteEstimateError` naming the estimator, the
+    column and how many datapoints were affected when any value is NaN or infinite.
+    """
+    check_model_arg(model)
+    batch_size = check_int("batch_size", batch_size)
+    if seed is not None:
+        seed = check_int("seed", seed, minimum=0)
+    run_device = resolve_device(device, model)
+    if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
+        raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "
+                         "model first (model.to(device)) or leave device=None to use the model's device.")
+    columns: dict[str, list[torch.Tensor]] = {}
+    from tqdm.auto import tqdm
+
+    with evaluation(model), seeded(seed, run_device):
+        batches = iter_batches(data, batch_size=batch_size, device=run_device)
+        for batch in tqdm(batches, desc=estimator, unit="batch", disable=not progress, leave=False):
+            for key, value in per_batch(batch.x).items():
+                columns.setdefault(key, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
+    out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
+    for key, values in out.items():
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise NonFiniteEstimateError(f"{estimator}: {bad} of {values.size} datapoints gave a non-finite {key} "
+                                         "(NaN or inf); check the model's outputs on those datapoints "
+                                         "(latentdiag.check_model can help).")
+    return out, str(run_device)
+
+
+def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error std(ddof=1) / sqrt(n); the standard error is NaN for a single value."""
+    n = values.size
+    mean = float(values.mean())
+    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return mean, stderr
+
+
+def per_dim_extras(nll: np.ndarray, dims: np.ndarray | None, prefix: str = "") -> dict[str, float]:
+    """Bits per dimension and perplexity of per-datapoint NLLs, with delta-method standard errors.
+
+    BPD = sum_n NLL_n / (ln 2 * sum_n d_n); perplexity = exp(sum_n NLL_n / sum_n d_n) (corpus-level, as in
+    language modelling). For a ratio of sums r = sum a / sum b the standard error is
+    sqrt(sum (a_n - r b_n)^2 / (n (n - 1))) / mean(b).
+    """
+    if dims is None:
+        return {}
+    n = nll.size
+    ratio = float(nll.sum() / dims.sum())
+    if n > 1:
+        se_ratio = float(np.sqrt(((nll - ratio * dims) ** 2).sum() / (n * (n - 1))) / dims.mean())
+    else:
+        se_ratio = float("nan")
+    return {
+        f"{prefix}bits_per_dim": ratio / _LN2,
+        f"{prefix}bits_per_dim_stderr": se_ratio / _LN2,
+        f"{prefix}perplexity": math.exp(ratio) if ratio < 700 else float("inf"),
+        f"{prefix}perplexity_stderr": math.exp(ratio) * se_ratio if ratio < 700 else float("nan"),
+        f"{prefix}dims_per_datapoint": float(dims.mean()),
+    }
+
+
+def num_dims_column(model: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """``model.num_dims(x)`` as a float64 tensor (B,), or None when the model does not offer it."""
+    fn = getattr(model, "num_dims", None)
+    if not callable(fn):
+        return None
+    dims = fn(x)
+    if isinstance(dims, torch.Tensor):
+        if dims.ndim == 0:
+            dims = dims.expand(x.shape[0])
+        return dims.to(torch.float64)
+    return torch.full((x.shape[0],), float(dims), dtype=torch.float64)

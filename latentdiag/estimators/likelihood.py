@@ -1,0 +1,271 @@
+"""Rate, distortion, ELBO and importance-weighted NLL: the likelihood estimators over (model, data)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, kl_divergence
+
+from latentdiag._batching import DataLike
+from latentdiag._validation import check_int, check_positive_float
+from latentdiag.estimators._common import mean_and_stderr, num_dims_column, per_datapoint_pass, per_dim_extras
+from latentdiag.results import Estimate
+
+__all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
+
+LOW_ESS_FRACTION = 0.01
+"""``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K >= 10)."""
+
+_CPU_BYTES_PER_ELEMENT = 1024
+"""Assumed decoder memory per observed element and latent code on CPU (256 float32 logits per element)."""
+
+
+def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 256, seed: int | None = 0,
+         device: Any = None, progress: bool = False) -> Estimate:
+    """Rate R = E_data KL(q(z|x) || p(z)), in nats per datapoint.
+
+    Uses the analytic KL when ``torch.distributions.kl_divergence`` has one registered for the posterior and
+    prior types, else the Monte Carlo estimate (1/S) sum_s [log q(z_s|x) - log p(z_s)], z_s ~ q(z|x); the result
+    says which. Reference: Alemi et al., "Fixing a Broken ELBO" (2018).
+
+    Parameters
+    ----------
+    model : LatentVariableModel
+    data : tensor, (x, y), Dataset, DataLoader or iterable of x / (x, y) batches
+    mc_samples : int
+        S, samples per datapoint for the Monte Carlo fallback.
+    batch_size : int
+        Batch size used when ``data`` is a whole-data tensor or a Dataset.
+    seed : int or None
+        Seed for the Monte Carlo samples (the caller's random state is left untouched).
+    device : str or torch.device, optional
+        Where to run; default the model's device.
+    progress : bool
+        Show a progress bar on stderr.
+    """
+    mc_samples = check_int("mc_samples", mc_samples)
+    analytic: list[bool] = []
+
+    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, p = model.encode(x), model.prior()
+        kl, exact = _kl(q, p, mc_samples)
+        analytic.append(exact)
+        return {"kl": kl}
+
+    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="rate", batch_size=batch_size, seed=seed,
+                                   device=device, progress=progress)
+    value, stderr = mean_and_stderr(cols["kl"])
+    exact = all(analytic)
+    if exact:
+        how, notes, flags = "analytic KL(q(z|x) || p(z)) from torch.distributions, averaged over data", (), ()
+    else:
+        how = f"Monte Carlo KL with {mc_samples} samples of q(z|x) per datapoint, averaged over data"
+        notes = (f"no analytic KL is registered in torch for this posterior and prior; Monte Carlo with "
+                 f"{mc_samples} samples per datapoint (unbiased; its noise is in the standard error)",)
+        flags = ("monte_carlo",)
+    return Estimate(name="rate", value=value, stderr=stderr, n=cols["kl"].size, unit="nats", estimator=how,
+                    settings={"kl": "analytic" if exact else "monte_carlo", "mc_samples": mc_samples,
+                              "seed": seed, "device": dev, "batch_size": batch_size},
+                    notes=notes, flags=flags, per_datapoint=cols["kl"])
+
+
+def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256, seed: int | None = 0,
+               device: Any = None, progress: bool = False) -> Estimate:
+    """Distortion D = -E_data E_q(z|x) log p(x|z), in nats per datapoint.
+
+    Each datapoint's expectation is estimated with ``samples`` draws z ~ q(z|x). Reference: Alemi et al.,
+    "Fixing a Broken ELBO" (2018). Bits/dim of D are in ``extra`` when the model offers ``num_dims``.
+    """
+    samples = check_int("samples", samples)
+
+    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = model.encode(x).sample((samples,))
+        out = {"distortion": -_log_likelihood(model, x, z).mean(0)}
+        dims = num_dims_column(model, x)
+        if dims is not None:
+            out["dims"] = dims
+        return out
+
+    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="distortion", batch_size=batch_size, seed=seed,
+                                   device=device, progress=progress)
+    value, stderr = mean_and_stderr(cols["distortion"])
+    return Estimate(name="distortion", value=value, stderr=stderr, n=cols["distortion"].size, unit="nats",
+                    estimator=f"-log p(x|z) averaged over {samples} sample(s) z ~ q(z|x) per datapoint and over data",
+                    settings={"samples": samples, "seed": seed, "device": dev, "batch_size": batch_size},
+                    flags=("monte_carlo",), extra=per_dim_extras(cols["distortion"], cols.get("dims")),
+                    per_datapoint=cols["distortion"])
+
+
+def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256, seed: int | None = 0,
+         device: Any = None, progress: bool = False) -> Estimate:
+    """Evidence lower bound ELBO = E_data [E_q log p(x|z) - KL(q(z|x) || p(z))], in nats per datapoint.
+
+    ELBO <= log p(x), so -ELBO is an upper bound on the NLL (the number several codebases print as "NLL").
+    The KL is analytic where torch registers one, else estimated from the same samples as the expectation.
+    ``extra`` holds the mean rate and distortion (ELBO = -(rate + distortion)) and, with ``num_dims``, the
+    bits/dim of -ELBO. Reference: Kingma & Welling, "Auto-Encoding Variational Bayes" (2014).
+    """
+    samples = check_int("samples", samples)
+    analytic: list[bool] = []
+
+    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, p = model.encode(x), model.prior()
+        z = q.sample((samples,))
+        ll = _log_likelihood(model, x, z).mean(0)
+        try:
+            kl = kl_divergence(q, p).to(torch.float64)
+            analytic.append(True)
+        except NotImplementedError:
+            kl = (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0)
+            analytic.append(False)
+        out = {"elbo": ll - kl, "kl": kl, "distortion": -ll}
+        dims = num_dims_column(model, x)
+        if dims is not None:
+            out["dims"] = dims
+        return out
+
+    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="elbo", batch_size=batch_size, seed=seed,
+                                   device=device, progress=progress)
+    value, stderr = mean_and_stderr(cols["elbo"])
+    exact = all(analytic)
+    extra = {"rate": float(cols["kl"].mean()), "distortion": float(cols["distortion"].mean())}
+    extra.update(per_dim_extras(-cols["elbo"], cols.get("dims"), prefix="negative_elbo_"))
+    notes = ("a lower bound on log p(x): -ELBO is an upper bound on the NLL, not the NLL",)
+    if not exact:
+        notes += (f"KL estimated by Monte Carlo from the {samples} sample(s) per datapoint (no analytic KL "
+                  "registered in torch)",)
+    return Estimate(name="elbo", value=value, stderr=stderr, n=cols["elbo"].size, unit="nats",
+                    estimator=f"E_q log p(x|z) with {samples} sample(s) per datapoint minus "
+                              f"{'analytic' if exact else 'Monte Carlo'} KL(q(z|x) || p(z))",
+                    settings={"samples": samples, "kl": "analytic" if exact else "monte_carlo", "seed": seed,
+                              "device": dev, "batch_size": batch_size},
+                    notes=notes, flags=("bound", "monte_carlo"), extra=extra, per_datapoint=cols["elbo"])
+
+
+def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None = None,
+           memory_budget_mb: float = 1024.0, batch_size: int = 256, seed: int | None = 0, device: Any = None,
+           progress: bool = False) -> Estimate:
+    """Importance-weighted negative log-likelihood (Burda, Grosse & Salakhutdinov, 2016), nats per datapoint.
+
+    NLL_K(x) = -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). In expectation it is an upper bound on
+    -log p(x) that decreases with K; K = 1 gives -ELBO (with the KL by Monte Carlo). Each batch is encoded once;
+    its K samples go through the decoder in chunks of C samples (C x B latent codes per call, C from
+    ``chunk_size`` or the memory budget), and the log-weights are reduced with log-sum-exp in float64, the
+    normaliser being the number of samples actually drawn (exactly K).
+
+    The effective sample size of each datapoint's weights, ESS = (sum w)^2 / sum w^2 in [1, K], is in ``extra``;
+    a median ESS below ``LOW_ESS_FRACTION`` * K flags ``low_ess`` (a loose bound whose Monte Carlo error the
+    standard error may understate). With ``num_dims``, bits/dim = NLL / (d ln 2) and perplexity = exp(NLL / d)
+    (ratios of sums over the data) are in ``extra``.
+
+    Parameters
+    ----------
+    model : LatentVariableModel
+    data : tensor, (x, y), Dataset, DataLoader or iterable of x / (x, y) batches
+    k : int
+        K >= 1, importance samples per datapoint.
+    chunk_size : int, optional
+        Samples per decoder call. Default: as many as fit ``memory_budget_mb`` (measured on CUDA with a one-sample
+        probe; on CPU assumed to be ~1 KiB per observed element and latent code).
+    memory_budget_mb : float
+        Memory budget for one decoder call when ``chunk_size`` is not given.
+    batch_size, seed, device, progress
+        As in :func:`rate`.
+    """
+    k = check_int("k", k)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size)
+    budget = check_positive_float("memory_budget_mb", memory_budget_mb) * 2 ** 20
+    chosen: list[int] = []
+    cost: dict[str, Any] = {}  # bytes per latent code, measured once, and how
+
+    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, p = model.encode(x), model.prior()
+        log_sum = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+        log_sum_sq = log_sum.clone()
+        drawn = 0
+        chunk = chunk_size
+        while drawn < k:
+            if chunk is None and "bytes" not in cost:
+                step = 1  # a one-sample probe of the memory cost; its sample counts towards the k
+                base = _start_peak(x.device)
+            else:
+                chunk = chunk or max(1, int(budget // (cost["bytes"] * x.shape[0])))
+                step = min(chunk, k - drawn)
+            log_w = _log_weights(model, q, p, x, step)
+            log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
+            log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2 * log_w, dim=0))
+            drawn += step
+            if chunk is None and "bytes" not in cost:
+                cost["bytes"], cost["rule"] = _bytes_per_code(x, base)
+        chosen.append(chunk if chunk is not None else 1)
+        out = {"nll": -(log_sum - math.log(drawn)), "ess": torch.exp(2 * log_sum - log_sum_sq)}
+        dims = num_dims_column(model, x)
+        if dims is not None:
+            out["dims"] = dims
+        return out
+
+    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="iw_nll", batch_size=batch_size, seed=seed,
+                                   device=device, progress=progress)
+    value, stderr = mean_and_stderr(cols["nll"])
+    ess = cols["ess"]
+    extra = {"ess_mean": float(ess.mean()), "ess_median": float(np.median(ess)), "ess_min": float(ess.min()),
+             "ess_fraction_median": float(np.median(ess) / k)}
+    extra.update(per_dim_extras(cols["nll"], cols.get("dims")))
+    notes = ["an upper bound on -log p(x) in expectation, tightening as k grows (Burda et al. 2016); "
+             "k = 1 is -ELBO"]
+    flags = ["bound", "monte_carlo"]
+    if k >= 10 and np.median(ess) < LOW_ESS_FRACTION * k:
+        flags.append("low_ess")
+        notes.append(f"median effective sample size {np.median(ess):.1f} of k = {k}: few samples dominate the "
+                     "importance weights, so the bound is loose and its Monte Carlo error may be understated")
+    chunks = sorted(set(chosen))
+    rule = "given" if chunk_size is not None else cost.get("rule", "k = 1")
+    return Estimate(name="iw_nll", value=value, stderr=stderr, n=cols["nll"].size, unit="nats",
+                    estimator=f"importance-weighted bound with k = {k} samples of q(z|x) per datapoint, "
+                              "float64 log-sum-exp",
+                    settings={"k": k, "chunk_size": chunks[0] if len(chunks) == 1 else chunks,
+                              "chunk_rule": rule, "memory_budget_mb": budget / 2 ** 20, "seed": seed,
+                              "device": dev, "batch_size": batch_size},
+                    notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
+
+
+def _kl(q: Distribution, p: Distribution, mc_samples: int) -> tuple[torch.Tensor, bool]:
+    try:
+        return kl_divergence(q, p).to(torch.float64), True
+    except NotImplementedError:
+        z = q.sample((mc_samples,))
+        return (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0), False
+
+
+def _log_likelihood(model: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    ll = model.log_likelihood(x, z)
+    if not isinstance(ll, torch.Tensor) or tuple(ll.shape) != tuple(z.shape[:2]):
+        got = tuple(ll.shape) if isinstance(ll, torch.Tensor) else type(ll).__name__
+        raise ValueError(f"model.log_likelihood(x, z) must return shape {tuple(z.shape[:2])} for z of shape "
+                         f"{tuple(z.shape)}; got {got}. Run latentdiag.check_model(model, x) for details.")
+    return ll.to(torch.float64)
+
+
+def _log_weights(model: Any, q: Distribution, p: Distribution, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) for ``samples`` draws per datapoint, float64, shape (samples, B)."""
+    z = q.sample((samples,))
+    return _log_likelihood(model, x, z) + p.log_prob(z).to(torch.float64) - q.log_prob(z).to(torch.float64)
+
+
+def _start_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def _bytes_per_code(x: torch.Tensor, base: int) -> tuple[float, str]:
+    """Memory one latent code costs the decoder: measured from the probe's peak on CUDA, assumed on CPU."""
+    if x.device.type == "cuda":
+        return max(torch.cuda.max_memory_allocated(x.device) - base, 1) / x.shape[0], "memory budget, measured on CUDA"
+    per_code = max(int(x[0].numel()), 1) * _CPU_BYTES_PER_ELEMENT
+    return per_code, f"memory budget, assuming {_CPU_BYTES_PER_ELEMENT} bytes per observed element on CPU"

@@ -1,0 +1,5 @@
+"""Known-answer models for testing estimators and user pipelines."""
+
+from latentdiag.testing.linear_gaussian import LinearGaussianModel
+
+__all__ = ["LinearGaussianModel"]
