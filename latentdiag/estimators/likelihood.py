@@ -16,8 +16,8 @@ from latentdiag.results import Estimate
 
 __all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
 
-LOW_ESS_FRACTION = 0.01
-"""``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K >= 10)."""
+LOW_ESS_FRACTION = 0.05
+"""``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K >= 20)."""
 
 _CPU_BYTES_PER_ELEMENT = 1024
 """Assumed decoder memory per observed element and latent code on CPU (256 float32 logits per element)."""
@@ -218,7 +218,7 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     notes = ["an upper bound on -log p(x) in expectation, tightening as k grows (Burda et al. 2016); "
              "k = 1 is -ELBO"]
     flags = ["bound", "monte_carlo"]
-    if k >= 10 and np.median(ess) < LOW_ESS_FRACTION * k:
+    if k >= 20 and np.median(ess) < LOW_ESS_FRACTION * k:
         flags.append("low_ess")
         notes.append(f"median effective sample size {np.median(ess):.1f} of k = {k}: few samples dominate the "
                      "importance weights, so the bound is loose and its Monte Carlo error may be understated")
