@@ -30,12 +30,11 @@ def check_positive_float(name: str, value: Any) -> float:
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; otherwise say which are valid and suggest the closest."""
     choices = tuple(choices)
+    listed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {listed}; got {type(value).__name__} {value!r}.")
     if value in choices:
         return value
-    listed = ", ".join(repr(c) for c in choices)
-    hint = ""
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value, choices, n=1)
-        if close:
-            hint = f" Did you mean {close[0]!r}?"
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"{name} must be one of {listed}; got {value!r}.{hint}")

@@ -194,9 +194,9 @@ def test_bad_arguments_are_reported() -> None:
         digits(format="bin")
     with pytest.raises(TypeError, match="flatten must be a bool"):
         digits(flatten="yes")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="seed must be a non-negative int; got -1"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0; got -1"):
         digits(seed=-1)
-    with pytest.raises(TypeError, match="seed must be a non-negative int"):
+    with pytest.raises(TypeError, match="seed must be an integer >= 0"):
         digits(seed=1.5)  # type: ignore[arg-type]
 
 

@@ -17,7 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .files import DataSplit, _check_choice, _check_loader_args, _make_split
+from latentdiag._validation import check_choice
+
+from .files import DataSplit, _check_loader_args, _make_split
 
 __all__ = ["BUNDLED", "digits", "load", "mnist5k"]
 
@@ -143,7 +145,7 @@ def mnist5k(
     DataSplit
         ``name="mnist5k"``, ``num_classes=10``.
     """
-    split = _check_choice(split, "split", _SPLITS)
+    split = check_choice("split", split, _SPLITS)
     format, flatten, seed = _check_loader_args(format, flatten, seed)
     levels, labels = _mnist5k_arrays()
     index = _split_indices(split, _mnist5k_indices())
@@ -183,7 +185,7 @@ def digits(
     DataSplit
         ``name="digits"``, ``num_classes=10``.
     """
-    split = _check_choice(split, "split", _SPLITS)
+    split = check_choice("split", split, _SPLITS)
     format, flatten, seed = _check_loader_args(format, flatten, seed)
     levels, labels = _digits_arrays()
     index = _split_indices(split, _digits_indices())
@@ -222,5 +224,5 @@ def load(name: str, split: str = "train", **kwargs: object) -> DataSplit:
     --------
     >>> x, y = load("digits", "test", flatten=True)  # doctest: +SKIP
     """
-    name = _check_choice(name, "name", BUNDLED)
+    name = check_choice("name", name, BUNDLED)
     return _LOADERS[name](split, **kwargs)

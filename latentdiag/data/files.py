@@ -14,7 +14,6 @@ user keeps on disk:
 from __future__ import annotations
 
 import codecs
-import difflib
 import gzip
 import os
 import pickle
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from latentdiag._validation import check_choice, check_int
 
 __all__ = ["DataSplit", "FORMATS", "STOCHASTIC_FORMAT", "read_cifar10", "read_mnist"]
 
@@ -113,38 +114,10 @@ class DataSplit:
 # --------------------------------------------------------------------------
 
 
-def _choices_text(choices: Sequence[str]) -> str:
-    return ", ".join(repr(c) for c in choices)
-
-
-def _check_choice(value: object, argname: str, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise with a clear message."""
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{argname} must be a str, one of {_choices_text(choices)}; "
-            f"got {type(value).__name__} {value!r}."
-        )
-    if value not in choices:
-        message = f"{argname} must be one of {_choices_text(choices)}; got {value!r}."
-        close = difflib.get_close_matches(value, list(choices), n=1)
-        if close:
-            message += f" Did you mean {close[0]!r}?"
-        raise ValueError(message)
-    return value
-
-
 def _check_bool(value: object, argname: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{argname} must be a bool; got {type(value).__name__} {value!r}.")
     return bool(value)
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be a non-negative int; got {type(seed).__name__} {seed!r}.")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed}.")
-    return int(seed)
 
 
 def _check_path(path: object, argname: str = "path") -> Path:
@@ -165,9 +138,9 @@ def _check_path(path: object, argname: str = "path") -> Path:
 def _check_loader_args(format: object, flatten: object, seed: object) -> tuple[str, bool, int]:
     """Validate the ``format``, ``flatten`` and ``seed`` arguments every loader takes."""
     return (
-        _check_choice(format, "format", _ALL_FORMATS),
+        check_choice("format", format, _ALL_FORMATS),
         _check_bool(flatten, "flatten"),
-        _check_seed(seed),
+        check_int("seed", seed, minimum=0),
     )
 
 
@@ -388,7 +361,7 @@ def read_mnist(
         If a file is not a valid unsigned-byte IDX file, the image and label
         counts differ, a label is outside 0..9, or an argument is invalid.
     """
-    split = _check_choice(split, "split", tuple(_MNIST_PREFIX))
+    split = check_choice("split", split, tuple(_MNIST_PREFIX))
     format, flatten, seed = _check_loader_args(format, flatten, seed)
     if not isinstance(name, str):
         raise TypeError(f"name must be a str; got {type(name).__name__} {name!r}.")
@@ -586,7 +559,7 @@ def read_cifar10(
     ValueError
         If a batch does not have the expected structure or an argument is invalid.
     """
-    split = _check_choice(split, "split", tuple(_CIFAR_FILES))
+    split = check_choice("split", split, tuple(_CIFAR_FILES))
     format, flatten, seed = _check_loader_args(format, flatten, seed)
     files = _find_cifar_files(_check_path(path), split)
     batches = [_read_cifar_batch(file) for file in files]
