@@ -301,3 +301,13 @@ def test_estimate_serialises(exact_model, x_model):
     assert '"stderr": null' in res.to_json()
     frame = ld.results_frame([res, ld.rate(exact_model, x_model)])
     assert list(frame["name"]) == ["iw_nll", "rate"] and "bits_per_dim" in frame.columns
+
+
+@pytest.mark.parametrize("fn", [ld.rate, ld.distortion, ld.elbo, ld.iw_nll])
+def test_a_posterior_without_event_dimension_is_refused(wrong_model, x_model, fn):
+    class NoIndependent(CountingModel):
+        def encode(self, x):
+            return self.inner.encode(x).base_dist  # batch (B, D), event (): would silently count B * D datapoints
+
+    with pytest.raises(ValueError, match=r"batch_shape \(300,\) and event_shape \(D,\).*got batch_shape \(300, 4\)"):
+        fn(NoIndependent(wrong_model), x_model, batch_size=300)

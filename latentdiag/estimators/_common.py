@@ -8,13 +8,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
 from latentdiag._validation import check_int
 from latentdiag.adapters.protocol import LatentVariableModel
 
-__all__ = ["NonFiniteEstimateError", "per_datapoint_pass", "mean_and_stderr", "per_dim_extras", "check_model_arg"]
+__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "num_dims_column",
+           "per_datapoint_pass", "per_dim_extras"]
 
 _LN2 = math.log(2.0)
 
@@ -98,6 +100,23 @@ def per_dim_extras(nll: np.ndarray, dims: np.ndarray | None, prefix: str = "") -
         f"{prefix}perplexity_stderr": math.exp(ratio) * se_ratio if ratio < 700 else float("nan"),
         f"{prefix}dims_per_datapoint": float(dims.mean()),
     }
+
+
+def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribution]:
+    """q(z|x) and p(z), after checking the shapes every estimator relies on (a wrong batch shape would silently
+    change the number of "datapoints")."""
+    q, p = model.encode(x), model.prior()
+    batch = x.shape[0]
+    if not isinstance(q, Distribution) or tuple(q.batch_shape) != (batch,) or len(q.event_shape) != 1:
+        got = (f"batch_shape {tuple(q.batch_shape)} and event_shape {tuple(q.event_shape)}"
+               if isinstance(q, Distribution) else type(q).__name__)
+        raise ValueError(f"model.encode(x) must return a Distribution with batch_shape ({batch},) and event_shape "
+                         f"(D,) for a batch of {batch}; got {got}. Run latentdiag.check_model(model, x) for details.")
+    if not isinstance(p, Distribution) or tuple(p.event_shape) != tuple(q.event_shape):
+        got = f"event_shape {tuple(p.event_shape)}" if isinstance(p, Distribution) else type(p).__name__
+        raise ValueError(f"model.prior() must return a Distribution with event_shape {tuple(q.event_shape)}; got "
+                         f"{got}.")
+    return q, p
 
 
 def num_dims_column(model: Any, x: torch.Tensor) -> torch.Tensor | None:

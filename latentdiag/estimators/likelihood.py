@@ -11,7 +11,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
-from latentdiag.estimators._common import mean_and_stderr, num_dims_column, per_datapoint_pass, per_dim_extras
+from latentdiag.estimators._common import encode_checked, mean_and_stderr, num_dims_column, per_datapoint_pass, per_dim_extras
 from latentdiag.results import Estimate
 
 __all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
@@ -50,7 +50,7 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
     analytic: list[bool] = []
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = model.encode(x), model.prior()
+        q, p = encode_checked(model, x)
         kl, exact = _kl(q, p, mc_samples)
         analytic.append(exact)
         return {"kl": kl}
@@ -82,7 +82,7 @@ def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int 
     samples = check_int("samples", samples)
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = model.encode(x).sample((samples,))
+        z = encode_checked(model, x)[0].sample((samples,))
         out = {"distortion": -_log_likelihood(model, x, z).mean(0)}
         dims = num_dims_column(model, x)
         if dims is not None:
@@ -112,7 +112,7 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
     analytic: list[bool] = []
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = model.encode(x), model.prior()
+        q, p = encode_checked(model, x)
         z = q.sample((samples,))
         ll = _log_likelihood(model, x, z).mean(0)
         try:
@@ -183,7 +183,7 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     cost: dict[str, Any] = {}  # bytes per latent code, measured once, and how
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = model.encode(x), model.prior()
+        q, p = encode_checked(model, x)
         log_sum = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
         log_sum_sq = log_sum.clone()
         drawn = 0
