@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.system()} {platform.release()}; "
-          f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+          f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"setup: mlp_vae{INPUT_SHAPE} latent_dim={LATENT_DIM} bernoulli, trained {args.epochs} epoch(s) on "
           f"mnist5k train (binary, 4000 digits), seed {args.seed}; eval on the first {args.n} mnist5k test digits; "
           f"K = {args.k}; reference chunk {args.ref_chunk}; median of {args.repeats} call(s)")
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     print()
     print(f"speed ratio reference / ours: {median['reference'] / median['ours']:.1f}x")
+    print("RSS just before the timed calls: " + ", ".join(
+        f"{r['method']} {r['rss_before_mb']:.0f} MB" for r in (ours, ref) if r["rss_before_mb"] is not None))
 
     for r in (ours, ref):
         if not r["peak_reset"] or r["rss_before_mb"] is None:

@@ -76,7 +76,11 @@ def _whole_data(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return _as_tensor(data, name), None
     if isinstance(data, tuple) and data and isinstance(data[0], (torch.Tensor, np.ndarray)):
-        return _split_item(data, name)
+        x, y = _split_item(data, name)
+        if y is not None and y.ndim != 1:
+            raise ValueError(f"{name} is a tuple, read as (x, y) with one label per datapoint, but its second item "
+                             f"has shape {tuple(y.shape)}; pass batches of data as a list, not a tuple.")
+        return x, y
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if isinstance(x, (torch.Tensor, np.ndarray)):
         return _as_tensor(x, name), None if y is None else _as_tensor(y, name)

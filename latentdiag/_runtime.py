@@ -63,5 +63,11 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(mix_seed(seed))
         yield
+
+
+def mix_seed(seed: int) -> int:
+    """A torch seed derived from the user's ``seed``, so that estimator draws never share a stream with data a
+    user drew from ``torch.Generator().manual_seed(seed)`` (same seed, same stream: correlated, biased numbers)."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2 ** 63)

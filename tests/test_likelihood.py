@@ -311,3 +311,22 @@ def test_a_posterior_without_event_dimension_is_refused(wrong_model, x_model, fn
 
     with pytest.raises(ValueError, match=r"batch_shape \(300,\) and event_shape \(D,\).*got batch_shape \(300, 4\)"):
         fn(NoIndependent(wrong_model), x_model, batch_size=300)
+
+
+def test_a_tuple_of_two_batches_is_not_mistaken_for_labels(exact_model, x_model):
+    with pytest.raises(ValueError, match="pass batches of data as a list"):
+        ld.rate(exact_model, (x_model[:150], x_model[150:]))
+    assert ld.rate(exact_model, [x_model[:150], x_model[150:]]).n == 300
+
+
+def test_estimator_draws_do_not_share_a_stream_with_same_seed_data(wrong_model):
+    # data drawn with seed 0 and an estimator run with seed 0: one-sample distortion must still be unbiased
+    x = wrong_model.sample(3000, torch.Generator().manual_seed(0))
+    res = ld.distortion(wrong_model, x, samples=1, seed=0)
+    assert _z(res.per_datapoint, -wrong_model.expected_log_likelihood(x).numpy()) < 4
+
+
+def test_settings_record_device_and_dtype(exact_model, x_model):
+    res = ld.iw_nll(exact_model, x_model, k=3, chunk_size=2)
+    assert res.settings["device"] == "cpu" and res.settings["dtype"] == "float64"
+    assert res.settings["chunk_size"] == 2 and res.settings["chunk_rule"] == "given"

@@ -82,8 +82,8 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
         what = f"the Python object {blocked!r}" if blocked else "Python objects other than tensors and containers"
         raise UnsafeCheckpointError(
             f"refused to load {os.fspath(path)!r}: it contains {what}, which a weights-only load does not build "
-            "because unpickling it could run arbitrary code. If you trust this file, load it with trusted=True "
-            "(command line: --trust-checkpoint); better, save only the state_dict.") from err
+            "because unpickling it could run arbitrary code. If you trust this file, load it with trusted=True; "
+            "better, save only the state_dict.") from err
 
 
 def _blocked_global(message: str) -> str | None:

@@ -37,11 +37,13 @@ def check_model_arg(model: Any) -> None:
 
 
 def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estimator: str, batch_size: int,
-                       seed: int | None, device: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], str]:
+                       seed: int | None, device: Any, progress: bool = False
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Run ``per_batch`` over every batch and concatenate its per-datapoint outputs in data order (float64).
 
     The model is put in eval mode without gradients and torch's random state is seeded for the pass only.
-    Returns the columns and the device used. Raises :class:`NonFiniteEstimateError` naming the estimator, the
+    Returns the columns and the run's provenance (device; dtype of the model's log-likelihoods, which are
+    reduced in float64). Raises :class:`NonFiniteEstimateError` naming the estimator, the
     column and how many datapoints were affected when any value is NaN or infinite.
     """
     check_model_arg(model)
@@ -67,7 +69,16 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
             raise NonFiniteEstimateError(f"{estimator}: {bad} of {values.size} datapoints gave a non-finite {key} "
                                          "(NaN or inf); check the model's outputs on those datapoints "
                                          "(latentdiag.check_model can help).")
-    return out, str(run_device)
+    return out, {"device": str(run_device), "dtype": model_dtype(model)}
+
+
+def model_dtype(model: Any) -> str:
+    """The floating dtype of a model's first floating parameter or buffer ("unknown" for other models)."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                return str(tensor.dtype).removeprefix("torch.")
+    return "unknown"
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from latentdiag.results import Estimate
 __all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
 
 LOW_ESS_FRACTION = 0.05
-"""``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K >= 20)."""
+"""``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K > 20; the
+ESS is at least 1, so smaller K cannot fall below it)."""
 
 _CPU_BYTES_PER_ELEMENT = 1024
 """Assumed decoder memory per observed element and latent code on CPU (256 float32 logits per element)."""
@@ -55,7 +56,7 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
         analytic.append(exact)
         return {"kl": kl}
 
-    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="rate", batch_size=batch_size, seed=seed,
+    cols, run = per_datapoint_pass(model, data, per_batch, estimator="rate", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
     value, stderr = mean_and_stderr(cols["kl"])
     exact = all(analytic)
@@ -68,7 +69,7 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
         flags = ("monte_carlo",)
     return Estimate(name="rate", value=value, stderr=stderr, n=cols["kl"].size, unit="nats", estimator=how,
                     settings={"kl": "analytic" if exact else "monte_carlo", "mc_samples": mc_samples,
-                              "seed": seed, "device": dev, "batch_size": batch_size},
+                              "seed": seed, **run, "batch_size": batch_size},
                     notes=notes, flags=flags, per_datapoint=cols["kl"])
 
 
@@ -89,12 +90,12 @@ def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int 
             out["dims"] = dims
         return out
 
-    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="distortion", batch_size=batch_size, seed=seed,
+    cols, run = per_datapoint_pass(model, data, per_batch, estimator="distortion", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
     value, stderr = mean_and_stderr(cols["distortion"])
     return Estimate(name="distortion", value=value, stderr=stderr, n=cols["distortion"].size, unit="nats",
                     estimator=f"-log p(x|z) averaged over {samples} sample(s) z ~ q(z|x) per datapoint and over data",
-                    settings={"samples": samples, "seed": seed, "device": dev, "batch_size": batch_size},
+                    settings={"samples": samples, "seed": seed, **run, "batch_size": batch_size},
                     flags=("monte_carlo",), extra=per_dim_extras(cols["distortion"], cols.get("dims")),
                     per_datapoint=cols["distortion"])
 
@@ -127,7 +128,7 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
             out["dims"] = dims
         return out
 
-    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="elbo", batch_size=batch_size, seed=seed,
+    cols, run = per_datapoint_pass(model, data, per_batch, estimator="elbo", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
     value, stderr = mean_and_stderr(cols["elbo"])
     exact = all(analytic)
@@ -141,7 +142,7 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
                     estimator=f"E_q log p(x|z) with {samples} sample(s) per datapoint minus "
                               f"{'analytic' if exact else 'Monte Carlo'} KL(q(z|x) || p(z))",
                     settings={"samples": samples, "kl": "analytic" if exact else "monte_carlo", "seed": seed,
-                              "device": dev, "batch_size": batch_size},
+                              **run, "batch_size": batch_size},
                     notes=notes, flags=("bound", "monte_carlo"), extra=extra, per_datapoint=cols["elbo"])
 
 
@@ -179,7 +180,7 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size)
     budget = check_positive_float("memory_budget_mb", memory_budget_mb) * 2 ** 20
-    chosen: list[int] = []
+    largest = [0]  # the most samples sent through the decoder in one call
     cost: dict[str, Any] = {}  # bytes per latent code, measured once, and how
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -196,19 +197,19 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
                 chunk = chunk or max(1, int(budget // (cost["bytes"] * x.shape[0])))
                 step = min(chunk, k - drawn)
             log_w = _log_weights(model, q, p, x, step)
+            largest[0] = max(largest[0], step)
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2 * log_w, dim=0))
             drawn += step
             if chunk is None and "bytes" not in cost:
                 cost["bytes"], cost["rule"] = _bytes_per_code(x, base)
-        chosen.append(chunk if chunk is not None else 1)
         out = {"nll": -(log_sum - math.log(drawn)), "ess": torch.exp(2 * log_sum - log_sum_sq)}
         dims = num_dims_column(model, x)
         if dims is not None:
             out["dims"] = dims
         return out
 
-    cols, dev = per_datapoint_pass(model, data, per_batch, estimator="iw_nll", batch_size=batch_size, seed=seed,
+    cols, run = per_datapoint_pass(model, data, per_batch, estimator="iw_nll", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
     value, stderr = mean_and_stderr(cols["nll"])
     ess = cols["ess"]
@@ -218,18 +219,17 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     notes = ["an upper bound on -log p(x) in expectation, tightening as k grows (Burda et al. 2016); "
              "k = 1 is -ELBO"]
     flags = ["bound", "monte_carlo"]
-    if k >= 20 and np.median(ess) < LOW_ESS_FRACTION * k:
+    if k > 20 and np.median(ess) < LOW_ESS_FRACTION * k:
         flags.append("low_ess")
         notes.append(f"median effective sample size {np.median(ess):.1f} of k = {k}: few samples dominate the "
                      "importance weights, so the bound is loose and its Monte Carlo error may be understated")
-    chunks = sorted(set(chosen))
-    rule = "given" if chunk_size is not None else cost.get("rule", "k = 1")
+    rule = "given" if chunk_size is not None else cost["rule"]
     return Estimate(name="iw_nll", value=value, stderr=stderr, n=cols["nll"].size, unit="nats",
                     estimator=f"importance-weighted bound with k = {k} samples of q(z|x) per datapoint, "
                               "float64 log-sum-exp",
-                    settings={"k": k, "chunk_size": chunks[0] if len(chunks) == 1 else chunks,
+                    settings={"k": k, "chunk_size": largest[0],
                               "chunk_rule": rule, "memory_budget_mb": budget / 2 ** 20, "seed": seed,
-                              "device": dev, "batch_size": batch_size},
+                              **run, "batch_size": batch_size},
                     notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
 
 
