@@ -112,6 +112,18 @@ def _split_indices(split: str, indices: tuple[np.ndarray, np.ndarray]) -> np.nda
 # --------------------------------------------------------------------------
 
 
+def _bundled_split(name: str, arrays: Callable[[], tuple[np.ndarray, np.ndarray]],
+                   indices: Callable[[], tuple[np.ndarray, np.ndarray]], max_level: int, split: object,
+                   format: object, flatten: object, seed: object) -> DataSplit:
+    """One split of a bundled set of 10-class grey-level images, after checking the loader arguments."""
+    split = check_choice("split", split, _SPLITS)
+    format, flatten, seed = _check_loader_args(format, flatten, seed)
+    levels, labels = arrays()
+    index = _split_indices(split, indices())
+    return _make_split(levels[index][:, None], labels[index], name=name, num_classes=10, max_level=max_level,
+                       format=format, flatten=flatten, seed=seed)
+
+
 def mnist5k(
     split: str = "train",
     *,
@@ -145,14 +157,7 @@ def mnist5k(
     DataSplit
         ``name="mnist5k"``, ``num_classes=10``.
     """
-    split = check_choice("split", split, _SPLITS)
-    format, flatten, seed = _check_loader_args(format, flatten, seed)
-    levels, labels = _mnist5k_arrays()
-    index = _split_indices(split, _mnist5k_indices())
-    return _make_split(
-        levels[index][:, None], labels[index], name="mnist5k", num_classes=10,
-        max_level=255, format=format, flatten=flatten, seed=seed,
-    )
+    return _bundled_split("mnist5k", _mnist5k_arrays, _mnist5k_indices, 255, split, format, flatten, seed)
 
 
 def digits(
@@ -185,14 +190,7 @@ def digits(
     DataSplit
         ``name="digits"``, ``num_classes=10``.
     """
-    split = check_choice("split", split, _SPLITS)
-    format, flatten, seed = _check_loader_args(format, flatten, seed)
-    levels, labels = _digits_arrays()
-    index = _split_indices(split, _digits_indices())
-    return _make_split(
-        levels[index][:, None], labels[index], name="digits", num_classes=10,
-        max_level=16, format=format, flatten=flatten, seed=seed,
-    )
+    return _bundled_split("digits", _digits_arrays, _digits_indices, 16, split, format, flatten, seed)
 
 
 _LOADERS: dict[str, Callable[..., DataSplit]] = {"mnist5k": mnist5k, "digits": digits}

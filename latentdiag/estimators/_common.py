@@ -15,7 +15,7 @@ from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
 from latentdiag._validation import check_int
 from latentdiag.adapters.protocol import LatentVariableModel
 
-__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "num_dims_column",
+__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
 
 _LN2 = math.log(2.0)
@@ -130,14 +130,14 @@ def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribut
     return q, p
 
 
-def num_dims_column(model: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """``model.num_dims(x)`` as a float64 tensor (B,), or None when the model does not offer it."""
+def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``columns`` plus ``"dims"``: ``model.num_dims(x)`` as float64 (B,), when the model offers it."""
     fn = getattr(model, "num_dims", None)
     if not callable(fn):
-        return None
+        return columns
     dims = fn(x)
     if isinstance(dims, torch.Tensor):
-        if dims.ndim == 0:
-            dims = dims.expand(x.shape[0])
-        return dims.to(torch.float64)
-    return torch.full((x.shape[0],), float(dims), dtype=torch.float64)
+        dims = dims.to(torch.float64).expand(x.shape[0]) if dims.ndim == 0 else dims.to(torch.float64)
+    else:
+        dims = torch.full((x.shape[0],), float(dims), dtype=torch.float64)
+    return {**columns, "dims": dims}

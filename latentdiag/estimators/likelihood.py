@@ -11,7 +11,13 @@ from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
-from latentdiag.estimators._common import encode_checked, mean_and_stderr, num_dims_column, per_datapoint_pass, per_dim_extras
+from latentdiag.estimators._common import (
+    encode_checked,
+    mean_and_stderr,
+    per_datapoint_pass,
+    per_dim_extras,
+    with_num_dims,
+)
 from latentdiag.results import Estimate
 
 __all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
@@ -85,10 +91,7 @@ def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = encode_checked(model, x)[0].sample((samples,))
         out = {"distortion": -_log_likelihood(model, x, z).mean(0)}
-        dims = num_dims_column(model, x)
-        if dims is not None:
-            out["dims"] = dims
-        return out
+        return with_num_dims(model, x, out)
 
     cols, run = per_datapoint_pass(model, data, per_batch, estimator="distortion", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
@@ -123,10 +126,7 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
             kl = (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0)
             analytic.append(False)
         out = {"elbo": ll - kl, "kl": kl, "distortion": -ll}
-        dims = num_dims_column(model, x)
-        if dims is not None:
-            out["dims"] = dims
-        return out
+        return with_num_dims(model, x, out)
 
     cols, run = per_datapoint_pass(model, data, per_batch, estimator="elbo", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
@@ -204,10 +204,7 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
             if chunk is None and "bytes" not in cost:
                 cost["bytes"], cost["rule"] = _bytes_per_code(x, base)
         out = {"nll": -(log_sum - math.log(drawn)), "ess": torch.exp(2 * log_sum - log_sum_sq)}
-        dims = num_dims_column(model, x)
-        if dims is not None:
-            out["dims"] = dims
-        return out
+        return with_num_dims(model, x, out)
 
     cols, run = per_datapoint_pass(model, data, per_batch, estimator="iw_nll", batch_size=batch_size, seed=seed,
                                    device=device, progress=progress)
