@@ -14,13 +14,14 @@ The parent trains a small MLP VAE (seeded, a few epochs on ``mnist5k`` train, bi
 ``state_dict`` to a temporary file and runs each method in its own fresh Python process (this script again with
 the hidden ``--worker ours|reference``), so that each method's peak resident memory is its own. Each worker
 reports the median wall time over ``--repeats`` calls and the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``)
-minus the RSS just before the first timed call.
+over those calls minus the RSS just before the first of them (Linux: freed heap is trimmed and the high-water
+mark reset just before, so the set-up's transient peaks do not count).
 
 The two NLL estimates use different random draws, so they can only agree statistically. The script prints the
 difference of the means in units of (a) the combined standard error sqrt(se_ours^2 + se_ref^2) of the two means
 and (b) the standard error of the per-datapoint paired differences (the same digits are used, so the spread of
 NLL across digits cancels and only Monte Carlo noise is left: the sharper test). It exits with status 1 when
-either exceeds 4 standard errors.
+either exceeds 4 standard errors (status 2 when a worker fails).
 
 Run: ``python benchmarks/bench_iw_nll.py`` (defaults: --n 200 --k 1000 --ref-chunk 50 --epochs 3 --repeats 3).
 """
@@ -71,9 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for name in ("n", "k", "ref_chunk", "epochs", "repeats"):
+    for name in ("k", "ref_chunk", "epochs", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.n < 2:
+        ap.error(f"--n must be >= 2 (the agreement check needs standard errors); got {args.n}")
+    if args.seed < 0:
+        ap.error(f"--seed must be >= 0; got {args.seed}")
     if args.n > 1000:
         ap.error(f"--n must be <= 1000 (the mnist5k test split has 1000 digits); got {args.n}")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -99,6 +104,17 @@ def _rss_mb() -> float | None:
         return None
 
 
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that the RSS measured before the timed
+    calls does not depend on how much freed memory the allocator happened to keep from the set-up."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs).
 
@@ -120,7 +136,7 @@ def build_model():
     return mlp_vae(INPUT_SHAPE, latent_dim=LATENT_DIM, likelihood="bernoulli")
 
 
-def test_digits(n: int):
+def eval_digits(n: int):
     from latentdiag.data import mnist5k
 
     return mnist5k("test", format="binary").x[:n].clone()
@@ -172,7 +188,7 @@ def run_worker(args: argparse.Namespace) -> None:
     model = build_model()
     model.load_state_dict(torch.load(args.state, weights_only=True))
     model.eval()
-    x = test_digits(args.n)
+    x = eval_digits(args.n)
 
     if args.worker == "ours":
         def call():
@@ -184,6 +200,7 @@ def run_worker(args: argparse.Namespace) -> None:
             return reference_iw_nll(model, x, args.k, args.ref_chunk), None
 
     gc.collect()
+    _release_free_heap()
     peak_reset = _reset_peak_rss()
     rss_before = _rss_mb()
     maxrss_before = _maxrss_mb()
@@ -221,7 +238,8 @@ def launch_worker(method: str, args: argparse.Namespace, state: Path, result: Pa
         cmd = [sh, "-c", '"$@"; exit $?', "sh", *cmd]
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise SystemExit(f"the {method} worker failed with exit status {proc.returncode}")
+        print(f"error: the {method} worker failed with exit status {proc.returncode}", file=sys.stderr)
+        raise SystemExit(2)
     return json.loads(result.read_text())
 
 
@@ -233,6 +251,24 @@ def _mean_se(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=np.float64)
     se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else float("nan")
     return float(values.mean()), se
+
+
+def _library_version() -> str:
+    """latentdiag's version, plus the git commit of its checkout (and "+dirty" with local changes) when known."""
+    import latentdiag
+
+    out = f"latentdiag {latentdiag.__version__}"
+    root = Path(latentdiag.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "latentdiag"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return out
+    if commit.returncode == 0:
+        out += f" (git {commit.stdout.strip()}{'+dirty' if dirty.stdout.strip() else ''})"
+    return out
 
 
 def _cpu_name() -> str:
@@ -262,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.system()} {platform.release()}; "
           f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; {_library_version()}")
     print(f"setup: mlp_vae{INPUT_SHAPE} latent_dim={LATENT_DIM} bernoulli, trained {args.epochs} epoch(s) on "
           f"mnist5k train (binary, 4000 digits), seed {args.seed}; eval on the first {args.n} mnist5k test digits; "
           f"K = {args.k}; reference chunk {args.ref_chunk}; median of {args.repeats} call(s)")
@@ -285,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours: latentdiag.iw_nll defaults -> batch_size {s['batch_size']}, chunk_size {s['chunk_size']} "
           f"({s['chunk_rule']}); median ESS {ours['ess_median']:.1f} of K = {args.k}")
     print(f"reference: one datapoint at a time, chunks of {args.ref_chunk} samples, x re-encoded per chunk "
-          f"({math.ceil(args.k / args.ref_chunk)} decoder calls per datapoint)")
+          f"({math.ceil(args.k / args.ref_chunk)} decoder call(s) per datapoint)")
     print()
 
     rows, median = [], {}
@@ -300,16 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     header = ("method", "median s", "datapoints/s", "peak RSS delta MB", "peak RSS MB", "mean NLL ± stderr (nats)",
               "all times s")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     print()
     print(f"speed ratio reference / ours: {median['reference'] / median['ours']:.1f}x")
     print("RSS just before the timed calls: " + ", ".join(
         f"{r['method']} {r['rss_before_mb']:.0f} MB" for r in (ours, ref) if r["rss_before_mb"] is not None))
 
     for r in (ours, ref):
+        spread = max(r["times_s"]) / min(r["times_s"])
+        if spread > 1.5:
+            print(f"note ({r['method']}): its {len(r['times_s'])} timed calls differ by a factor {spread:.1f}; the "
+                  "machine's timing is noisy, so rerun (or see benchmarks/README.md on threads)")
         if not r["peak_reset"] or r["rss_before_mb"] is None:
             print(f"note ({r['method']}): could not reset or read the RSS high-water mark; its delta is measured "
                   "from the peak before the timed calls")
@@ -322,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = mb - ma
     z_combined = diff / math.sqrt(sa ** 2 + sb ** 2)
     _, se_paired = _mean_se(b - a)
-    z_paired = diff / se_paired
+    z_paired = diff / se_paired if se_paired > 0 else (0.0 if diff == 0 else math.inf)
     print(f"agreement: reference - ours = {diff:+.4f} nats = {z_combined:+.2f} combined standard errors "
           f"(sqrt(se_ours^2 + se_ref^2) = {math.sqrt(sa ** 2 + sb ** 2):.4f}); "
           f"paired over the same digits: {z_paired:+.2f} standard errors (se {se_paired:.4f})")

@@ -67,8 +67,9 @@ def test_iw_nll_memory_budget_sets_chunks_and_keeps_k(exact_model, x_model):
     assert res.settings["chunk_size"] == 1
     assert "memory budget" in res.settings["chunk_rule"]
     big = CountingModel(exact_model)
-    ld.iw_nll(big, x_model, k=5, batch_size=300)
-    assert big.calls == 2  # the one-sample probe, then the remaining 4 samples in one call
+    res = ld.iw_nll(big, x_model, k=5, batch_size=300)
+    assert big.calls == 1  # on CPU no probe: all 5 samples of the 300 datapoints in one decoder call
+    assert res.settings["chunk_size"] == 5
 
 
 def test_iw_nll_flags_low_effective_sample_size():

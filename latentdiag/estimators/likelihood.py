@@ -170,7 +170,8 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
         K >= 1, importance samples per datapoint.
     chunk_size : int, optional
         Samples per decoder call. Default: as many as fit ``memory_budget_mb`` (measured on CUDA with a one-sample
-        probe; on CPU assumed to be ~1 KiB per observed element and latent code).
+        probe, which resets the device's peak-memory statistics; on CPU assumed to be 1 KiB per observed element
+        and latent code, enough for 256-way float32 logits).
     memory_budget_mb : float
         Memory budget for one decoder call when ``chunk_size`` is not given.
     batch_size, seed, device, progress
@@ -180,8 +181,8 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size)
     budget = check_positive_float("memory_budget_mb", memory_budget_mb) * 2 ** 20
-    largest = [0]  # the most samples sent through the decoder in one call
-    cost: dict[str, Any] = {}  # bytes per latent code, measured once, and how
+    planned = [0]  # the chunk size C in force (at most k), the largest over batches
+    cost: dict[str, Any] = {}  # bytes per latent code and how they were found (measured once, on CUDA)
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         q, p = encode_checked(model, x)
@@ -189,20 +190,22 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
         log_sum_sq = log_sum.clone()
         drawn = 0
         chunk = chunk_size
+        if chunk is None and "bytes" not in cost and x.device.type != "cuda":
+            cost["bytes"], cost["rule"] = _assumed_bytes_per_code(x)
         while drawn < k:
-            if chunk is None and "bytes" not in cost:
-                step = 1  # a one-sample probe of the memory cost; its sample counts towards the k
-                base = _start_peak(x.device)
+            probe = chunk is None and "bytes" not in cost
+            if probe:  # CUDA: one sample measures the memory a code costs; it counts towards the k
+                step, base = 1, _start_peak(x.device)
             else:
                 chunk = chunk or max(1, int(budget // (cost["bytes"] * x.shape[0])))
                 step = min(chunk, k - drawn)
+                planned[0] = max(planned[0], min(chunk, k))
             log_w = _log_weights(model, q, p, x, step)
-            largest[0] = max(largest[0], step)
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2 * log_w, dim=0))
             drawn += step
-            if chunk is None and "bytes" not in cost:
-                cost["bytes"], cost["rule"] = _bytes_per_code(x, base)
+            if probe:
+                cost["bytes"], cost["rule"] = _measured_bytes_per_code(x, base)
         out = {"nll": -(log_sum - math.log(drawn)), "ess": torch.exp(2 * log_sum - log_sum_sq)}
         return with_num_dims(model, x, out)
 
@@ -224,7 +227,7 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     return Estimate(name="iw_nll", value=value, stderr=stderr, n=cols["nll"].size, unit="nats",
                     estimator=f"importance-weighted bound with k = {k} samples of q(z|x) per datapoint, "
                               "float64 log-sum-exp",
-                    settings={"k": k, "chunk_size": largest[0],
+                    settings={"k": k, "chunk_size": planned[0] or 1,
                               "chunk_rule": rule, "memory_budget_mb": budget / 2 ** 20, "seed": seed,
                               **run, "batch_size": batch_size},
                     notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
@@ -254,15 +257,16 @@ def _log_weights(model: Any, q: Distribution, p: Distribution, x: torch.Tensor, 
 
 
 def _start_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def _bytes_per_code(x: torch.Tensor, base: int) -> tuple[float, str]:
-    """Memory one latent code costs the decoder: measured from the probe's peak on CUDA, assumed on CPU."""
-    if x.device.type == "cuda":
-        return max(torch.cuda.max_memory_allocated(x.device) - base, 1) / x.shape[0], "memory budget, measured on CUDA"
+def _measured_bytes_per_code(x: torch.Tensor, base: int) -> tuple[float, str]:
+    """Memory one latent code cost the decoder in the one-sample probe on CUDA (peak above the base)."""
+    return max(torch.cuda.max_memory_allocated(x.device) - base, 1) / x.shape[0], "memory budget, measured on CUDA"
+
+
+def _assumed_bytes_per_code(x: torch.Tensor) -> tuple[float, str]:
+    """On CPU there is no allocator peak to read: assume 256 float32 logits per observed element."""
     per_code = max(int(x[0].numel()), 1) * _CPU_BYTES_PER_ELEMENT
     return per_code, f"memory budget, assuming {_CPU_BYTES_PER_ELEMENT} bytes per observed element on CPU"
