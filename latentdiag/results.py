@@ -42,6 +42,8 @@ class Estimate:
         Derived scalars (e.g. ``bits_per_dim`` and its standard error, effective sample size).
     per_datapoint : numpy.ndarray or None
         The per-datapoint values that ``value`` averages, in data order.
+    per_dimension : Mapping[str, numpy.ndarray]
+        Arrays with one entry per latent dimension (per-dimension KL, test statistics, p-values), for plots.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Estimate:
     flags: tuple[str, ...] = ()
     extra: Mapping[str, float] = field(default_factory=dict)
     per_datapoint: np.ndarray | None = field(default=None, repr=False, compare=False)
+    per_dimension: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self, *, include_arrays: bool = False) -> dict[str, Any]:
         """Plain-Python dict (JSON-safe: non-finite floats become ``None``)."""
@@ -72,6 +75,9 @@ class Estimate:
         }
         if include_arrays and self.per_datapoint is not None:
             out["per_datapoint"] = [_json_float(v) for v in np.asarray(self.per_datapoint).tolist()]
+        if self.per_dimension:
+            out["per_dimension"] = {k: [_json_float(v) for v in np.asarray(a, dtype=float).tolist()]
+                                    for k, a in self.per_dimension.items()}
         return out
 
     def to_json(self, **kwargs: Any) -> str:

@@ -1,0 +1,160 @@
+"""One encoder pass over the data: the encoded table that every aggregate-posterior estimator reuses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from latentdiag._batching import DataLike
+from latentdiag._runtime import mix_seed
+from latentdiag._validation import check_int
+from latentdiag.estimators._common import encode_checked, per_datapoint_pass
+
+__all__ = ["EncodedTable", "diag_normal_log_prob", "encode"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedTable:
+    """Posterior parameters of every datapoint, from one encoder pass (build it with :func:`encode`).
+
+    For diagonal Gaussian posteriors (``Independent(Normal(loc, scale), 1)``) the table holds ``loc`` and ``scale``
+    as float64 CPU tensors (N, D), and pairwise densities use a float64 matrix product. Other posterior families
+    keep the per-batch ``Distribution`` objects (``batches``) and are evaluated through their ``log_prob``.
+
+    Attributes
+    ----------
+    family : {"diag_normal", "generic"}
+    loc, scale : Tensor (N, D) float64 or None
+        Posterior means and standard deviations (``diag_normal`` only; ``scale`` is a standard deviation).
+    batches : tuple of Distribution
+        The posteriors as the model returned them, one per batch (``generic`` only; empty otherwise).
+    means : Tensor (N, D) float64
+        E_q[z | x] for every datapoint (all families).
+    prior : Distribution
+        p(z), as the model returned it.
+    labels : Tensor (N,) or None
+        Labels carried by the data, when present.
+    kl : numpy.ndarray (N,)
+        KL(q(z|x) || p(z)) per datapoint: analytic where torch registers it, else Monte Carlo (``kl_method``).
+    """
+
+    family: str
+    means: torch.Tensor
+    prior: Distribution
+    kl: np.ndarray
+    kl_method: str
+    loc: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    batches: tuple[Distribution, ...] = ()
+    labels: torch.Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, samples_per_point: int = 1, *, seed: int | None = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ancestral samples of the aggregate posterior: z ~ q(z|x_n) for every datapoint n, repeated.
+
+        Returns ``(z, index, log_q_own)``: z of shape (samples_per_point * N, D) in float64 (datapoint-major: the
+        samples of datapoint 0 first), the datapoint index of each sample, and log q(z | x_index) of each sample.
+        """
+        samples_per_point = check_int("samples_per_point", samples_per_point)
+        gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
+        s, d = samples_per_point, self.latent_dim
+        index = torch.arange(self.n).repeat_interleave(s)
+        if self.family == "diag_normal":
+            eps = torch.randn(self.n, s, d, generator=gen, dtype=torch.float64)
+            z = (self.loc[:, None, :] + self.scale[:, None, :] * eps).reshape(-1, d)
+            return z, index, diag_normal_log_prob(z, self.loc[index], self.scale[index])
+        zs, logs = [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+            for q in self.batches:
+                z = q.sample((s,))  # (S, B, D)
+                logs.append(q.log_prob(z).transpose(0, 1).reshape(-1).to("cpu", torch.float64))
+                zs.append(z.transpose(0, 1).reshape(-1, d).to("cpu", torch.float64))
+        return torch.cat(zs), index, torch.cat(logs)
+
+
+def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int = 64, seed: int | None = 0,
+           device: Any = None, progress: bool = False) -> EncodedTable:
+    """Encode every datapoint once and keep q(z|x_n) for all n (plus labels and the per-datapoint KL).
+
+    Parameters
+    ----------
+    model : LatentVariableModel
+    data : tensor, (x, y), Dataset, DataLoader or iterable of x / (x, y) batches
+    batch_size : int
+        Batch size for whole-data tensors and Datasets.
+    kl_samples : int
+        Samples per datapoint for a Monte Carlo KL when torch registers no analytic KL for q and p.
+    seed, device, progress
+        As in :func:`latentdiag.rate`.
+    """
+    kl_samples = check_int("kl_samples", kl_samples)
+    state: dict[str, Any] = {"family": None, "batches": [], "labels": [], "analytic": True, "prior": None}
+
+    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, p = encode_checked(model, x)
+        family = "diag_normal" if _is_diag_normal(q) else "generic"
+        if state["family"] not in (None, family):
+            raise ValueError("model.encode returned different posterior families for different batches.")
+        state["family"], state["prior"] = family, p
+        try:
+            kl = kl_divergence(q, p)
+        except NotImplementedError:
+            state["analytic"] = False
+            z = q.sample((kl_samples,))
+            kl = (q.log_prob(z).double() - p.log_prob(z).double()).mean(0)
+        out = {"kl": kl, "mean": q.mean}
+        if family == "diag_normal":
+            out["loc"], out["scale"] = q.base_dist.loc, q.base_dist.scale
+        else:
+            state["batches"].append(q)
+        return out
+
+    cols, run = _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state)
+    d = cols["mean"].shape[0] // cols["kl"].shape[0]
+    as_table = {k: torch.from_numpy(cols[k]).reshape(-1, d) for k in ("mean", "loc", "scale") if k in cols}
+    labels = torch.cat(state["labels"]) if state["labels"] and all(y is not None for y in state["labels"]) else None
+    return EncodedTable(family=state["family"], means=as_table["mean"], prior=state["prior"], kl=cols["kl"],
+                        kl_method="analytic" if state["analytic"] else f"monte_carlo ({kl_samples} samples)",
+                        loc=as_table.get("loc"), scale=as_table.get("scale"), batches=tuple(state["batches"]),
+                        labels=labels, settings={"batch_size": batch_size, "seed": seed, **run})
+
+
+def _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state):
+    # labels ride along: wrap the data so that per_datapoint_pass's batches keep y for us
+    from latentdiag._batching import iter_batches
+
+    def with_labels():
+        for batch in iter_batches(data, batch_size=batch_size):
+            state["labels"].append(None if batch.y is None else batch.y.detach().cpu())
+            yield batch.x
+
+    return per_datapoint_pass(model, with_labels(), per_batch, estimator="encode", batch_size=batch_size, seed=seed,
+                              device=device, progress=progress)
+
+
+def _is_diag_normal(q: Distribution) -> bool:
+    return (isinstance(q, Independent) and isinstance(q.base_dist, Normal)
+            and q.reinterpreted_batch_ndims == 1)
+
+
+def diag_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(z; loc, diag(scale^2)) summed over the last dimension, computed from the difference (no expansion)."""
+    t = (z - loc) / scale
+    return -0.5 * (t * t).sum(-1) - torch.log(scale).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
