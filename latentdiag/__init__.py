@@ -14,12 +14,27 @@ from latentdiag.adapters import (
     load_checkpoint,
     load_factory,
 )
-from latentdiag.estimators import NonFiniteEstimateError, distortion, elbo, iw_nll, rate
+from latentdiag.estimators import (
+    AggregatePosterior,
+    EncodedTable,
+    NonFiniteEstimateError,
+    active_units,
+    aggregate_posterior,
+    distortion,
+    elbo,
+    encode,
+    iw_nll,
+    minibatch_mutual_information,
+    per_dimension_kl,
+    rate,
+)
 from latentdiag.results import Estimate, results_frame
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregatePosterior",
+    "EncodedTable",
     "Estimate",
     "LatentVariableModel",
     "ModelProtocolError",
@@ -28,13 +43,18 @@ __all__ = [
     "SupportsNumDims",
     "UnsafeCheckpointError",
     "__version__",
+    "active_units",
     "adapters",
+    "aggregate_posterior",
     "check_model",
     "distortion",
     "elbo",
+    "encode",
     "iw_nll",
     "load_checkpoint",
     "load_factory",
+    "minibatch_mutual_information",
+    "per_dimension_kl",
     "rate",
     "results_frame",
     "testing",

@@ -1,6 +1,28 @@
-"""Estimators: pure functions over (model, data) that return :class:`latentdiag.Estimate` records."""
+"""Estimators: pure functions over (model, data) or an encoded table, returning :class:`latentdiag.Estimate`."""
 
 from latentdiag.estimators._common import NonFiniteEstimateError
+from latentdiag.estimators.aggregate import (
+    AggregatePosterior,
+    active_units,
+    aggregate_posterior,
+    minibatch_mutual_information,
+    per_dimension_kl,
+)
+from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
 
-__all__ = ["LOW_ESS_FRACTION", "NonFiniteEstimateError", "distortion", "elbo", "iw_nll", "rate"]
+__all__ = [
+    "LOW_ESS_FRACTION",
+    "AggregatePosterior",
+    "EncodedTable",
+    "NonFiniteEstimateError",
+    "active_units",
+    "aggregate_posterior",
+    "distortion",
+    "elbo",
+    "encode",
+    "iw_nll",
+    "minibatch_mutual_information",
+    "per_dimension_kl",
+    "rate",
+]

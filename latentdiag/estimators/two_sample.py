@@ -1,0 +1,520 @@
+"""Two-sample tests of the aggregate posterior q(z) against the prior p(z): per-dimension Kolmogorov-Smirnov and
+kernel MMD with a permutation p-value.
+
+Both tests answer "is q(z) = p(z)?" and reject exact equality, which a finite sample of a trained model's q(z)
+rarely satisfies: with many samples a tiny difference is significant. Read the effect size (the KS statistic, a
+distance in [0, 1]) next to the p-value; raw MMD^2 is not comparable across kernels or latent sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+from latentdiag._runtime import mix_seed
+from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag.estimators.encoded import EncodedTable
+from latentdiag.results import Estimate
+
+__all__ = ["ks_test", "mmd_test", "mmd_aggregate_vs_prior"]
+
+_ESTIMATORS = ("quadratic", "linear")
+_STREAM_Q, _STREAM_PRIOR, _STREAM_MEDIAN, _STREAM_PERMUTATIONS = 0, 1, 2, 3
+_KERNEL = "gaussian k(a, b) = exp(-||a - b||^2 / (2 h^2))"
+_MMD_NOTE = ("raw MMD^2 depends on the kernel bandwidth and the latent dimension and is not comparable across "
+             "models or latent sizes; read the p-value")
+_MMD_REFERENCE = "Gretton et al., 'A Kernel Two-Sample Test', JMLR 2012"
+
+
+# -- Kolmogorov-Smirnov -------------------------------------------------------------------------------------------
+def ks_test(table: EncodedTable, *, samples_per_point: int = 1, alpha: float = 0.05, prior_samples: int = 10_000,
+            seed: int | None = 0) -> Estimate:
+    """Per-dimension Kolmogorov-Smirnov tests of the aggregate posterior marginals q(z_d) against p(z_d).
+
+    z ~ q(z) by ancestral sampling (z ~ q(z|x_n) for every datapoint, ``samples_per_point`` times). For each
+    latent dimension d separately (dimensions are never pooled into one sample),
+
+        KS_d = sup_t |F_q,d(t) - F_p,d(t)|,
+
+    with F_q,d the empirical CDF of the samples' d-th coordinate. When the prior has a closed-form marginal CDF
+    (``Independent(Normal)``: N(loc_d, scale_d); ``MultivariateNormal``: N(loc_d, sqrt(Sigma_dd))) this is the
+    one-sample test against that CDF (``scipy.stats.kstest``); otherwise the two-sample test against
+    ``prior_samples`` seeded draws of p(z) (``scipy.stats.ks_2samp``). The D p-values are adjusted for multiple
+    testing with Benjamini-Hochberg (false discovery rate ``alpha``; ``scipy.stats.false_discovery_control``).
+    References: Massey, "The Kolmogorov-Smirnov test for goodness of fit", JASA 1951; Benjamini & Hochberg,
+    JRSS-B 1995.
+
+    Parameters
+    ----------
+    table : EncodedTable
+        From :func:`latentdiag.estimators.encoded.encode`.
+    samples_per_point : int
+        Samples of q(z|x_n) per datapoint. More than 1 gives correlated samples (several per datapoint), which
+        the test treats as independent: its p-values are then too small for the population q(z).
+    alpha : float
+        Level in (0, 1) at which a dimension is rejected, after the Benjamini-Hochberg adjustment.
+    prior_samples : int
+        Draws of p(z) for the two-sample test (used only when the prior has no closed-form marginal CDF).
+    seed : int or None
+        Seed for the samples of q(z) and of p(z) (the caller's random state is left untouched).
+
+    Returns
+    -------
+    Estimate
+        ``value``: the number of dimensions rejected (unit "dimensions"; ``stderr`` NaN). ``per_dimension``:
+        "statistic", "pvalue", "pvalue_bh" (BH-adjusted) and "rejected" (0/1). ``extra``: "min_pvalue_bh",
+        "max_statistic", "alpha", "dimensions".
+    """
+    _check_table(table)
+    samples_per_point = check_int("samples_per_point", samples_per_point)
+    alpha = _check_level("alpha", alpha)
+    prior_samples = check_int("prior_samples", prior_samples)
+    seed = _check_seed(seed)
+    from scipy import stats
+
+    z, _, _ = table.sample(samples_per_point, seed=_stream_seed(seed, _STREAM_Q))
+    z = z.numpy()
+    d = table.latent_dim
+    marginals = _prior_marginals(table.prior, d)
+    if marginals is not None:
+        loc, scale = marginals
+        results = [stats.kstest(z[:, j], stats.norm(loc[j], scale[j]).cdf) for j in range(d)]
+        kind, used_prior = "one-sample against the prior CDF", None
+    else:
+        zp = _draw_prior(table.prior, prior_samples, seed, d).numpy()
+        results = [stats.ks_2samp(z[:, j], zp[:, j]) for j in range(d)]
+        kind, used_prior = f"two-sample against {prior_samples} prior draws", prior_samples
+    statistic = np.array([float(r.statistic) for r in results])
+    pvalue = np.array([float(r.pvalue) for r in results])
+    pvalue_bh = _benjamini_hochberg(pvalue)
+    rejected = (pvalue_bh <= alpha).astype(float)
+    notes = ["the test rejects exact equality of q(z_d) and p(z_d), which a finite-sample aggregate posterior "
+             "rarely satisfies; with many samples tiny differences are significant, so read the statistic (a "
+             "distance in [0, 1]) as the effect size",
+             "per-dimension marginals only: dependence between dimensions is not tested (see mmd_aggregate_vs_prior)"]
+    if samples_per_point > 1:
+        notes.append(_correlated_samples_note(samples_per_point))
+    if used_prior is not None:
+        notes.append(f"the prior has no closed-form marginal CDF here; each dimension is compared with "
+                     f"{prior_samples} draws of p(z), whose own sampling noise enters the p-values")
+    return Estimate(
+        name="ks_test", value=float(rejected.sum()), stderr=float("nan"), n=int(z.shape[0]), unit="dimensions",
+        estimator=f"per-dimension Kolmogorov-Smirnov test of q(z_d) vs p(z_d), {kind}, Benjamini-Hochberg "
+                  f"adjusted at alpha = {alpha:g}; value = dimensions rejected",
+        settings={"test": kind, "samples_per_point": samples_per_point, "q_samples": int(z.shape[0]),
+                  "prior_samples": used_prior, "prior": type(table.prior).__name__, "alpha": alpha,
+                  "correction": "benjamini-hochberg", "seed": seed},
+        notes=tuple(notes), flags=("monte_carlo",),
+        extra={"min_pvalue_bh": float(pvalue_bh.min()), "max_statistic": float(statistic.max()), "alpha": alpha,
+               "dimensions": float(d)},
+        per_dimension={"statistic": statistic, "pvalue": pvalue, "pvalue_bh": pvalue_bh, "rejected": rejected},
+    )
+
+
+# -- MMD ---------------------------------------------------------------------------------------------------------
+def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "median", permutations: int = 200,
+             estimator: Literal["quadratic", "linear"] = "quadratic", chunk_size: int = 1024,
+             median_subsample: int = 1000, dtype: torch.dtype = torch.float64, seed: int | None = 0) -> Estimate:
+    """Kernel two-sample test: squared maximum mean discrepancy with a Gaussian kernel and its p-value.
+
+    Kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)); with several bandwidths, the sum of their kernels. MMD^2 =
+    E k(x, x') + E k(y, y') - 2 E k(x, y) is zero exactly when the distributions agree (the kernel is
+    characteristic). Reference: Gretton, Borgwardt, Rasch, Schoelkopf & Smola, "A Kernel Two-Sample Test",
+    JMLR 13 (2012).
+
+    - ``"quadratic"``: the unbiased statistic (Gretton 2012, Lemma 6)
+
+          MMD^2_u = 1/(n(n-1)) sum_{i != i'} k(x_i, x_i') + 1/(m(m-1)) sum_{j != j'} k(y_j, y_j')
+                    - 2/(nm) sum_{i, j} k(x_i, y_j),
+
+      with a permutation p-value (1 + #{b : MMD^2_u(perm_b) >= MMD^2_u}) / (1 + B) over B random relabellings
+      of the pooled sample. The kernel is computed in (chunk x chunk) blocks of the pooled sample (squared
+      distances by a matrix product, ||a||^2 + ||b||^2 - 2 a.b, clamped at 0) and every block serves the
+      observed split and all B permutations at once (a product with the (N, B + 2) matrix of group indicators),
+      so memory is O(chunk^2 + N B) and the N x N kernel is never built. Time O(N^2 (D + B)), N = n + m.
+    - ``"linear"``: the linear-time statistic (Gretton 2012, Sec. 6) over P = min(n, m) // 2 pairs,
+      h_i = k(x_{2i-1}, x_{2i}) + k(y_{2i-1}, y_{2i}) - k(x_{2i-1}, y_{2i}) - k(x_{2i}, y_{2i-1}); value = mean h,
+      stderr = std(h) / sqrt(P), one-sided p-value from the normal approximation. Cheap, but it uses only 4P
+      samples and has much less power.
+
+    Parameters
+    ----------
+    x, y : Tensor or array (n, D) and (m, D)
+        The two samples (rows are points).
+    bandwidth : "median", float or sequence of floats
+        h. ``"median"``: the median pairwise Euclidean distance of the pooled sample (median heuristic), over a
+        seeded subsample of at most ``median_subsample`` points. A sequence sums one Gaussian kernel per value.
+    permutations : int
+        B >= 1, random relabellings for the p-value of the quadratic statistic (its smallest value is
+        1 / (B + 1)). Unused by ``"linear"``.
+    estimator : {"quadratic", "linear"}
+    chunk_size : int
+        Side of the kernel blocks (memory ~ 3 chunk_size^2 numbers of ``dtype``).
+    median_subsample : int
+        Points used by the median heuristic.
+    dtype : torch.float64 or torch.float32
+        Precision of the kernel blocks and their products. float64 (default) matches a brute-force float64
+        computation to ~1e-12; float32 is about twice as fast on CPU, and its rounding (~1e-7 relative on each
+        block sum) is far below the permutation spread at any sample size that needs the speed. Totals across
+        blocks are always accumulated in float64.
+    seed : int or None
+        Seed for the median subsample and the permutations (numpy's and torch's global state are untouched).
+
+    Returns
+    -------
+    Estimate
+        ``name`` "mmd2", ``value`` MMD^2 (unit "squared kernel distance"; the unbiased statistic can be
+        negative). ``stderr``: NaN for ``"quadratic"`` (the spread of the permutation statistics is the null
+        distribution's, not a standard error: ``extra`` has "null_mean" and "null_std"), std(h)/sqrt(P) for
+        ``"linear"``. ``extra``: "pvalue", "permutations", and "bandwidth" (one kernel) or "bandwidth_min",
+        "bandwidth_max" and "kernels" (several).
+    """
+    xs, ys = _as_samples("x", x), _as_samples("y", y)
+    if xs.shape[1] != ys.shape[1]:
+        raise ValueError(f"x and y must have the same number of columns (dimensions); got x with {xs.shape[1]} and "
+                         f"y with {ys.shape[1]}.")
+    estimator = check_choice("estimator", estimator, _ESTIMATORS)
+    least = 2 if estimator == "quadratic" else 4
+    for name, a in (("x", xs), ("y", ys)):
+        if a.shape[0] < least:
+            raise ValueError(f"{name} must hold at least {least} samples for the {estimator} estimator; got "
+                             f"{a.shape[0]}.")
+    bandwidths = _check_bandwidth(bandwidth)
+    permutations = check_int("permutations", permutations)
+    chunk_size = check_int("chunk_size", chunk_size)
+    median_subsample = check_int("median_subsample", median_subsample, minimum=2)
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}.")
+    seed = _check_seed(seed)
+
+    ys = ys.to(xs.device)
+    n, m = xs.shape[0], ys.shape[0]
+    pooled = torch.cat([xs, ys])
+    pooled = pooled - pooled.mean(0)  # distances are unchanged; smaller norms, less cancellation in a.b
+    if bandwidths is None:
+        h, used = _median_bandwidth(pooled, median_subsample, _rng(seed, _STREAM_MEDIAN))
+        bandwidths = [h]
+        rule = (f"median heuristic: median pairwise Euclidean distance of the pooled sample "
+                f"({used} of {n + m} points, seeded subsample)" if used < n + m else
+                f"median heuristic: median pairwise Euclidean distance of the pooled sample (all {used} points)")
+    else:
+        rule = "given"
+    kernel = _KERNEL if len(bandwidths) == 1 else f"sum of {len(bandwidths)} kernels {_KERNEL}"
+    settings: dict[str, Any] = {"estimator": estimator, "kernel": kernel, "bandwidth_rule": rule,
+                                "bandwidths": [float(b) for b in bandwidths], "n": n, "m": m}
+    extra: dict[str, float] = {}
+    if len(bandwidths) == 1:
+        extra["bandwidth"] = float(bandwidths[0])
+    else:
+        extra.update(bandwidth_min=float(min(bandwidths)), bandwidth_max=float(max(bandwidths)),
+                     kernels=float(len(bandwidths)))
+    notes = [_MMD_NOTE]
+
+    if estimator == "linear":
+        h_terms = _linear_terms(pooled[:n], pooled[n:], bandwidths)
+        pairs = h_terms.numel()
+        value = float(h_terms.mean())
+        stderr = float(h_terms.std(unbiased=True)) / math.sqrt(pairs)
+        pvalue = _normal_sf(value, stderr)
+        extra.update(pvalue=pvalue, permutations=0.0, pairs=float(pairs))
+        settings.update(pairs=pairs, samples_used=4 * pairs, dtype="float64", seed=seed)
+        notes.append(f"linear-time estimator: {pairs} pairs from each sample ({4 * pairs} of {n + m} points "
+                     "used); far less power than the quadratic estimator; p-value from the normal approximation")
+        how = (f"linear-time MMD^2 over {pairs} pairs with a Gaussian kernel, one-sided normal-approximation "
+               f"p-value ({_MMD_REFERENCE}, Sec. 6)")
+        return Estimate(name="mmd2", value=value, stderr=stderr, n=n + m, unit="squared kernel distance",
+                        estimator=how, settings=settings, notes=tuple(notes), extra=extra)
+
+    columns = _permutation_columns(n + m, n, permutations, _rng(seed, _STREAM_PERMUTATIONS))
+    stats = _mmd2_u_columns(pooled, columns, n, bandwidths, chunk_size=chunk_size, dtype=dtype)
+    value, null = float(stats[0]), stats[1:]
+    pvalue = _permutation_pvalue(value, null, len(bandwidths))
+    extra.update(pvalue=pvalue, permutations=float(permutations), null_mean=float(null.mean()),
+                 null_std=float(null.std(ddof=1)) if permutations > 1 else float("nan"))
+    settings.update(permutations=permutations, chunk_size=chunk_size, dtype=str(dtype).removeprefix("torch."),
+                    device=str(pooled.device), seed=seed)
+    if pvalue <= 1.0 / (permutations + 1) + 1e-15:
+        notes.append(f"p-value at its floor 1/(permutations + 1) = {1.0 / (permutations + 1):.3g}: no permutation "
+                     "reached the observed statistic; more permutations would resolve smaller p-values")
+    notes.append("the unbiased MMD^2_u can be negative when the two distributions are close")
+    how = (f"unbiased quadratic-time MMD^2_u with a Gaussian kernel, permutation p-value over {permutations} "
+           f"relabellings ({_MMD_REFERENCE})")
+    return Estimate(name="mmd2", value=value, stderr=float("nan"), n=n + m, unit="squared kernel distance",
+                    estimator=how, settings=settings, notes=tuple(notes), extra=extra)
+
+
+def mmd_aggregate_vs_prior(table: EncodedTable, *, prior_samples: int | None = None, samples_per_point: int = 1,
+                           **mmd_kwargs: Any) -> Estimate:
+    """MMD two-sample test of the aggregate posterior q(z) against the prior p(z) (all dimensions jointly).
+
+    z ~ q(z) by ancestral sampling (``samples_per_point`` draws of q(z|x_n) per datapoint), against
+    ``prior_samples`` seeded draws of p(z) (default: as many as the q samples); then :func:`mmd_test`. Unlike
+    :func:`ks_test` it also sees dependence between dimensions. Cost O(N^2 (D + permutations)) for the quadratic
+    estimator, N the total number of samples: subsample a large table (or use ``estimator="linear"``).
+
+    Parameters
+    ----------
+    table : EncodedTable
+    prior_samples : int, optional
+        Draws of p(z); default the number of q samples (N * samples_per_point).
+    samples_per_point : int
+        Samples of q(z|x_n) per datapoint (more than 1 gives correlated samples, which the test treats as
+        independent).
+    **mmd_kwargs
+        Passed to :func:`mmd_test` (``bandwidth``, ``permutations``, ``estimator``, ``chunk_size``,
+        ``median_subsample``, ``dtype``, ``seed``). ``seed`` also seeds the samples of q(z) and p(z).
+    """
+    _check_table(table)
+    samples_per_point = check_int("samples_per_point", samples_per_point)
+    for bad in ("x", "y"):
+        if bad in mmd_kwargs:
+            raise TypeError(f"mmd_aggregate_vs_prior draws x and y itself; got an argument {bad!r}.")
+    seed = _check_seed(mmd_kwargs.pop("seed", 0))
+    z, _, _ = table.sample(samples_per_point, seed=_stream_seed(seed, _STREAM_Q))
+    count = z.shape[0] if prior_samples is None else check_int("prior_samples", prior_samples, minimum=2)
+    zp = _draw_prior(table.prior, count, seed, table.latent_dim)
+    res = mmd_test(z, zp, seed=seed, **mmd_kwargs)
+    notes = list(res.notes)
+    if samples_per_point > 1:
+        notes.append(_correlated_samples_note(samples_per_point))
+    return dataclasses.replace(
+        res, name="mmd2_aggregate_vs_prior",
+        estimator=f"{res.estimator}; x = {z.shape[0]} ancestral samples of q(z), y = {count} draws of p(z)",
+        settings={**res.settings, "samples_per_point": samples_per_point, "q_samples": int(z.shape[0]),
+                  "prior_samples": count, "prior": type(table.prior).__name__},
+        notes=tuple(notes), flags=tuple(dict.fromkeys((*res.flags, "monte_carlo"))))
+
+
+# -- MMD machinery ------------------------------------------------------------------------------------------------
+def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwidths: Sequence[float], *,
+                    chunk_size: int, dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """MMD^2_u of every split given by the 0/1 columns of ``columns`` (N, C): a column marks the first sample.
+
+    One streaming pass over (chunk x chunk) blocks of the symmetric kernel (upper triangle only) accumulates
+    K @ [1 | columns] in float64. With r = K 1, s = 1' K 1 and, per column a (b = 1 - a), aKa = a' K a:
+    a' K b = a' r - aKa and b' K b = s - 2 a' r + aKa; the diagonal of K is the number of kernels.
+    """
+    big, m = pooled.shape[0], pooled.shape[0] - n
+    device = pooled.device
+    z = pooled.to(dtype)
+    sq = (z * z).sum(1)
+    indicators = torch.cat([torch.ones(big, 1, dtype=torch.float64), columns], 1).to(device)
+    ind = indicators.to(dtype)
+    acc = torch.zeros_like(indicators)  # K @ indicators, float64
+    coefs = [-0.5 / float(h) ** 2 for h in bandwidths]
+    for i0 in range(0, big, chunk_size):
+        i1 = min(big, i0 + chunk_size)
+        for j0 in range(i0, big, chunk_size):
+            j1 = min(big, j0 + chunk_size)
+            k = _kernel_block(z[i0:i1], z[j0:j1], sq[i0:i1], sq[j0:j1], coefs, diagonal=i0 == j0)
+            if dtype == torch.float64:
+                acc[i0:i1].addmm_(k, ind[j0:j1])
+                if j0 != i0:
+                    acc[j0:j1].addmm_(k.T, ind[i0:i1])
+            else:  # float32 block products, summed across blocks in float64
+                acc[i0:i1] += (k @ ind[j0:j1]).to(torch.float64)
+                if j0 != i0:
+                    acc[j0:j1] += (k.T @ ind[i0:i1]).to(torch.float64)
+    cols = indicators[:, 1:]
+    a_k_a = (acc[:, 1:] * cols).sum(0)
+    a_r = cols.T @ acc[:, 0]
+    total = acc[:, 0].sum()
+    a_k_b = a_r - a_k_a
+    b_k_b = total - 2 * a_r + a_k_a
+    diag = float(len(bandwidths))
+    stat = ((a_k_a - n * diag) / (n * (n - 1)) + (b_k_b - m * diag) / (m * (m - 1)) - 2 * a_k_b / (n * m))
+    return stat.cpu().numpy()
+
+
+def _kernel_block(a: torch.Tensor, b: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, coefs: Sequence[float],
+                  *, diagonal: bool) -> torch.Tensor:
+    """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for a block; ``diagonal``: a is b, so d_ii = 0 exactly."""
+    d2 = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
+    if diagonal:
+        d2.fill_diagonal_(0.0)
+    if len(coefs) == 1:
+        return d2.mul_(coefs[0]).exp_()
+    k = torch.exp(d2 * coefs[0])
+    for c in coefs[1:]:
+        k += torch.exp(d2 * c)
+    return k
+
+
+def _linear_terms(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
+    pairs = min(x.shape[0], y.shape[0]) // 2
+    x1, x2 = x[0:2 * pairs:2], x[1:2 * pairs:2]
+    y1, y2 = y[0:2 * pairs:2], y[1:2 * pairs:2]
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d2 = ((a - b) ** 2).sum(1)
+        return sum(torch.exp(-d2 / (2 * float(h) ** 2)) for h in bandwidths)
+
+    return k(x1, x2) + k(y1, y2) - k(x1, y2) - k(x2, y1)
+
+
+def _permutation_columns(big: int, n: int, permutations: int, rng: np.random.Generator) -> torch.Tensor:
+    """(N, 1 + B) float64 0/1 columns: the observed split (first n rows), then B random relabellings."""
+    cols = np.zeros((big, permutations + 1))
+    cols[:n, 0] = 1.0
+    for b in range(permutations):
+        cols[rng.permutation(big)[:n], b + 1] = 1.0
+    return torch.from_numpy(cols)
+
+
+def _permutation_pvalue(observed: float, null: np.ndarray, kernels: int) -> float:
+    # a relabelling that reproduces the observed split must count as ">=" despite rounding in its column
+    tol = 1e-12 * kernels
+    return float((1 + np.count_nonzero(null >= observed - tol)) / (1 + null.size))
+
+
+def _median_bandwidth(pooled: torch.Tensor, limit: int, rng: np.random.Generator) -> tuple[float, int]:
+    from scipy.spatial.distance import pdist
+
+    points = pooled.cpu().numpy()
+    if points.shape[0] > limit:
+        points = points[np.sort(rng.choice(points.shape[0], size=limit, replace=False))]
+    h = float(np.median(pdist(points)))
+    if not h > 0:
+        raise ValueError("bandwidth='median' found a median pairwise distance of 0 (more than half of the pooled "
+                         "points coincide); pass a positive bandwidth instead.")
+    return h, points.shape[0]
+
+
+def _normal_sf(value: float, stderr: float) -> float:
+    from scipy.stats import norm
+
+    if stderr > 0:
+        return float(norm.sf(value / stderr))
+    return 0.0 if value > 0 else (0.5 if value == 0 else 1.0)
+
+
+# -- shared helpers -----------------------------------------------------------------------------------------------
+def _as_samples(name: str, a: Any) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+    else:
+        try:
+            arr = np.asarray(a)
+        except Exception as err:  # noqa: BLE001 - anything numpy cannot read is a type error here
+            raise TypeError(f"{name} must be a 2-D tensor or array (samples, dimensions); got "
+                            f"{type(a).__name__}.") from err
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a 2-D tensor or array of real numbers; got {type(a).__name__} of "
+                            f"dtype {arr.dtype}.")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers; got dtype {t.dtype}.")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, dimensions); got shape {tuple(t.shape)}. Reshape a single "
+                         f"dimension to ({name}.shape[0], 1).")
+    t = t.to(torch.float64)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{name} must be finite; got {bad} NaN or infinite values.")
+    return t
+
+
+def _check_bandwidth(bandwidth: Any) -> list[float] | None:
+    if isinstance(bandwidth, str):
+        check_choice("bandwidth", bandwidth, ("median",))
+        return None
+    if isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
+        return [check_positive_float("bandwidth", bandwidth)]
+    if isinstance(bandwidth, (torch.Tensor, np.ndarray)):
+        bandwidth = bandwidth.tolist() if bandwidth.ndim == 1 else bandwidth
+    if isinstance(bandwidth, Sequence) and not isinstance(bandwidth, (str, bytes)):
+        if len(bandwidth) == 0:
+            raise ValueError("bandwidth must be 'median', a positive number or a non-empty sequence of positive "
+                             "numbers; got an empty sequence.")
+        return [check_positive_float(f"bandwidth[{i}]", b) for i, b in enumerate(bandwidth)]
+    raise TypeError(f"bandwidth must be 'median', a positive number or a sequence of positive numbers; got "
+                    f"{type(bandwidth).__name__} {bandwidth!r}.")
+
+
+def _check_level(name: str, value: Any) -> float:
+    value = check_positive_float(name, value)
+    if not value < 1:
+        raise ValueError(f"{name} must be in (0, 1); got {value}.")
+    return value
+
+
+def _check_seed(seed: Any) -> int | None:
+    return None if seed is None else check_int("seed", seed, minimum=0)
+
+
+def _check_table(table: Any) -> None:
+    if not isinstance(table, EncodedTable):
+        raise TypeError(f"table must be an EncodedTable (from latentdiag.estimators.encoded.encode(model, data)); "
+                        f"got {type(table).__name__}.")
+
+
+def _stream_seed(seed: int | None, stream: int) -> int:
+    """An independent seed per use of the user's ``seed`` (q samples, prior draws, ...): same seed, same numbers,
+    but never the same random stream twice (prior draws that replay the q samples' noise would be correlated)."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] % 2 ** 62)
+    state = np.random.SeedSequence([mix_seed(seed), stream]).generate_state(1, np.uint64)[0]
+    return int(state % 2 ** 62)
+
+
+def _rng(seed: int | None, stream: int) -> np.random.Generator:
+    return np.random.default_rng(_stream_seed(seed, stream))
+
+
+def _draw_prior(prior: Distribution, count: int, seed: int | None, latent_dim: int) -> torch.Tensor:
+    """``count`` draws of p(z) as float64 CPU (count, D), from a seeded fork of torch's RNG (caller's untouched)."""
+    batch = int(np.prod(tuple(prior.batch_shape), dtype=np.int64))
+    devices: list[int] = []
+    loc = getattr(prior, "mean", None)
+    if isinstance(loc, torch.Tensor) and loc.device.type == "cuda":
+        devices = [loc.device.index if loc.device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(mix_seed(_stream_seed(seed, _STREAM_PRIOR)))
+        draws = prior.sample((math.ceil(count / batch),))
+    draws = draws.reshape(-1, latent_dim)[:count]
+    return draws.detach().to("cpu", torch.float64)
+
+
+def _prior_marginals(prior: Distribution, latent_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(loc, scale) of the prior's one-dimensional Normal marginals, or None when it has none in closed form."""
+    if tuple(prior.batch_shape) not in ((),):
+        return None
+    normal = (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)
+              and prior.reinterpreted_batch_ndims == 1)
+    if not (normal or isinstance(prior, MultivariateNormal)):
+        return None
+    loc = prior.mean.detach().to("cpu", torch.float64).expand(latent_dim).numpy()
+    scale = prior.variance.detach().to("cpu", torch.float64).expand(latent_dim).sqrt().numpy()
+    return loc, scale
+
+
+def _benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
+    """BH-adjusted p-values: scipy's ``false_discovery_control`` (scipy >= 1.11), else the same formula."""
+    from scipy import stats
+
+    if hasattr(stats, "false_discovery_control"):
+        return np.asarray(stats.false_discovery_control(pvalues, method="bh"), dtype=float)
+    return _bh_adjust(pvalues)
+
+
+def _bh_adjust(pvalues: np.ndarray) -> np.ndarray:
+    """p_(i) * D / i, made monotone from the largest rank down, capped at 1 (Benjamini & Hochberg 1995)."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p)
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)
+    ranked = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    out = np.empty_like(ranked)
+    out[order] = ranked
+    return out
+
+
+def _correlated_samples_note(samples_per_point: int) -> str:
+    return (f"{samples_per_point} samples per datapoint are correlated draws of the population q(z), which the "
+            "test treats as independent: its p-values are too small for the population aggregate posterior")
