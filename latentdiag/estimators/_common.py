@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
 from latentdiag._validation import check_int
 from latentdiag.adapters.protocol import LatentVariableModel
 
-__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "with_num_dims",
+__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
 
 _LN2 = math.log(2.0)
@@ -128,6 +128,19 @@ def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribut
         raise ValueError(f"model.prior() must return a Distribution with event_shape {tuple(q.event_shape)}; got "
                          f"{got}.")
     return q, p
+
+
+def kl_per_datapoint(q: Distribution, p: Distribution, mc_samples: int) -> tuple[torch.Tensor, bool]:
+    """KL(q(z|x) || p(z)) per datapoint in float64, and whether it is analytic.
+
+    Analytic where ``torch.distributions.kl_divergence`` has a registered formula, else the Monte Carlo estimate
+    (1/S) sum_s [log q(z_s|x) - log p(z_s)] with S = ``mc_samples`` draws z_s ~ q(z|x).
+    """
+    try:
+        return kl_divergence(q, p).to(torch.float64), True
+    except NotImplementedError:
+        z = q.sample((mc_samples,))
+        return (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0), False
 
 
 def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal
 
 from latentdiag._batching import DataLike
 from latentdiag._runtime import mix_seed
 from latentdiag._validation import check_int
-from latentdiag.estimators._common import encode_checked, per_datapoint_pass
+from latentdiag.estimators._common import encode_checked, kl_per_datapoint, per_datapoint_pass
 
 __all__ = ["EncodedTable", "diag_normal_log_prob", "encode"]
 
@@ -113,12 +113,8 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
         if state["family"] not in (None, family):
             raise ValueError("model.encode returned different posterior families for different batches.")
         state["family"], state["prior"] = family, p
-        try:
-            kl = kl_divergence(q, p)
-        except NotImplementedError:
-            state["analytic"] = False
-            z = q.sample((kl_samples,))
-            kl = (q.log_prob(z).double() - p.log_prob(z).double()).mean(0)
+        kl, analytic = kl_per_datapoint(q, p, kl_samples)
+        state["analytic"] &= analytic
         out = {"kl": kl, "mean": q.mean}
         if family == "diag_normal":
             out["loc"], out["scale"] = q.base_dist.loc, q.base_dist.scale

@@ -13,6 +13,7 @@ from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
 from latentdiag.estimators._common import (
     encode_checked,
+    kl_per_datapoint,
     mean_and_stderr,
     per_datapoint_pass,
     per_dim_extras,
@@ -58,7 +59,7 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         q, p = encode_checked(model, x)
-        kl, exact = _kl(q, p, mc_samples)
+        kl, exact = kl_per_datapoint(q, p, mc_samples)
         analytic.append(exact)
         return {"kl": kl}
 
@@ -231,14 +232,6 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
                               "chunk_rule": rule, "memory_budget_mb": budget / 2 ** 20, "seed": seed,
                               **run, "batch_size": batch_size},
                     notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
-
-
-def _kl(q: Distribution, p: Distribution, mc_samples: int) -> tuple[torch.Tensor, bool]:
-    try:
-        return kl_divergence(q, p).to(torch.float64), True
-    except NotImplementedError:
-        z = q.sample((mc_samples,))
-        return (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0), False
 
 
 def _log_likelihood(model: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
