@@ -33,7 +33,12 @@ def test_demo_end_to_end_on_digits(runner, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["schema_version"] and doc["provenance"]["data"] == "digits"
     by_name = {r["name"]: r for r in doc["results"]}
-    assert set(by_name) == {"rate", "distortion", "elbo", "iw_nll"}
+    assert {"rate", "distortion", "elbo", "iw_nll", "mutual_information", "marginal_kl", "total_correlation",
+            "dimwise_kl", "active_units"} <= set(by_name)
+    mi, mkl = by_name["mutual_information"], by_name["marginal_kl"]
+    assert mi["value"] <= mi["extra"]["log_n"] + 1e-9
+    # R = MI + marginal KL, within the Monte Carlo error of the split
+    assert abs(mi["value"] + mkl["value"] - by_name["rate"]["value"]) < 4 * (mi["stderr"] + mkl["stderr"])
     # the identities that tie the four together on the same data
     assert by_name["elbo"]["extra"]["rate"] == pytest.approx(by_name["rate"]["value"], rel=1e-9)
     assert by_name["iw_nll"]["value"] <= -by_name["elbo"]["value"] + 4 * by_name["elbo"]["stderr"]

@@ -84,14 +84,19 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
 
 
 def marginal_log_prob(dist: Distribution, z: torch.Tensor) -> torch.Tensor | None:
-    """log p(z_d) per dimension (M, D) for a prior whose one-dimensional marginals are known, else None."""
+    """log p(z_d) per dimension (M, D) in float64 for a prior that factorises over dimensions with known
+    one-dimensional marginals (an Independent Normal, or a MultivariateNormal with diagonal covariance); else None.
+    """
     z = z.to(torch.float64)
     if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1:
         base = dist.base_dist
         return Normal(base.loc.double().cpu(), base.scale.double().cpu()).log_prob(z)
     if isinstance(dist, MultivariateNormal):
-        sd = torch.diagonal(dist.covariance_matrix, dim1=-2, dim2=-1).sqrt()
-        return Normal(dist.loc.double().cpu(), sd.double().cpu()).log_prob(z)
+        cov = dist.covariance_matrix.double().cpu()
+        var = torch.diagonal(cov, dim1=-2, dim2=-1)
+        if (cov - torch.diag_embed(var)).abs().max() > 1e-12 * var.max():
+            return None
+        return Normal(dist.loc.double().cpu(), var.sqrt()).log_prob(z)
     return None
 
 

@@ -160,7 +160,8 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     median_subsample : int
         Points used by the median heuristic.
     dtype : torch.float64 or torch.float32
-        Precision of the kernel blocks and their products. float64 (default) matches a brute-force float64
+        Precision of the quadratic estimator's kernel blocks and their products (the linear estimator always
+        uses float64). float64 (default) matches a brute-force float64
         computation to ~1e-12; float32 is about twice as fast on CPU, and its rounding (~1e-7 relative on each
         block sum) is far below the permutation spread at any sample size that needs the speed. Totals across
         blocks are always accumulated in float64.
