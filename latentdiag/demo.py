@@ -39,7 +39,9 @@ def run_demo(data: str = "mnist5k", *, epochs: int = 20, latent_dim: int = 16, i
     iw_samples = check_int("iw_samples", iw_samples)
     train = datasets.load(data, "train", format="binary")
     test = datasets.load(data, "test", format="binary")
-    model = mlp_vae(tuple(train.x.shape[1:]), latent_dim, likelihood="bernoulli")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the initial weights, so that the same seed trains the same model
+        model = mlp_vae(tuple(train.x.shape[1:]), latent_dim, likelihood="bernoulli")
     losses = train_elbo(model, train.x, epochs=epochs, seed=seed, device=device, progress=progress)
     check = check_model(model, test.x[:8])
     common = {"seed": seed, "progress": progress}

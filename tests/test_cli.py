@@ -55,3 +55,11 @@ def test_usage_errors_exit_2(runner, args, match):
     res = runner.invoke(cli, args)
     assert res.exit_code == 2
     assert match in res.output
+
+
+def test_demo_is_reproducible_for_a_seed():
+    from latentdiag.demo import run_demo
+
+    a = run_demo("digits", epochs=1, latent_dim=3, iw_samples=3, seed=5, device="cpu")
+    b = run_demo("digits", epochs=1, latent_dim=3, iw_samples=3, seed=5, device="cpu")
+    assert [r.value for r in a.results] == [r.value for r in b.results]
