@@ -10,7 +10,17 @@ import torch
 from latentdiag import data as datasets
 from latentdiag._validation import check_choice, check_int
 from latentdiag.adapters import ModelCheck, check_model
-from latentdiag.estimators import active_units, aggregate_posterior, distortion, elbo, encode, iw_nll, rate
+from latentdiag.estimators import (
+    active_units,
+    aggregate_posterior,
+    distortion,
+    elbo,
+    encode,
+    iw_nll,
+    ks_test,
+    mmd_aggregate_vs_prior,
+    rate,
+)
 from latentdiag.models import mlp_vae
 from latentdiag.results import Estimate
 from latentdiag.train import train_elbo
@@ -33,7 +43,7 @@ def run_demo(data: str = "mnist5k", *, epochs: int = 20, latent_dim: int = 16, i
              seed: int = 0, device: Any = "auto", progress: bool = False) -> DemoResult:
     """Train an MLP VAE (bernoulli likelihood, binarised data) on a bundled training split, then report rate,
     distortion, ELBO, IW-NLL, the split of the rate (index-code MI, marginal KL, total correlation, dimension-wise
-    KL) and the active units on its test split."""
+    KL), the active units and KS / MMD tests of q(z) against p(z) on its test split."""
     data = check_choice("data", data, datasets.BUNDLED)
     epochs, latent_dim = check_int("epochs", epochs), check_int("latent_dim", latent_dim)
     iw_samples = check_int("iw_samples", iw_samples)
@@ -51,7 +61,7 @@ def run_demo(data: str = "mnist5k", *, epochs: int = 20, latent_dim: int = 16, i
     agg = aggregate_posterior(table, seed=seed)
     results += [r for r in (agg.mutual_information, agg.marginal_kl, agg.total_correlation, agg.dimwise_kl)
                 if r is not None]
-    results.append(active_units(table))
+    results += [active_units(table), ks_test(table, seed=seed), mmd_aggregate_vs_prior(table, seed=seed)]
     settings = {"data": data, "epochs": epochs, "latent_dim": latent_dim, "iw_samples": iw_samples, "seed": seed,
                 "device": str(next(model.parameters()).device), "train_size": len(train), "test_size": len(test)}
     return DemoResult(model=model, check=check, train_loss=losses, results=results, settings=settings)

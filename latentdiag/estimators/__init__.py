@@ -10,6 +10,7 @@ from latentdiag.estimators.aggregate import (
 )
 from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
+from latentdiag.estimators.two_sample import ks_test, mmd_aggregate_vs_prior, mmd_test
 
 __all__ = [
     "LOW_ESS_FRACTION",
@@ -22,7 +23,10 @@ __all__ = [
     "elbo",
     "encode",
     "iw_nll",
+    "ks_test",
     "minibatch_mutual_information",
+    "mmd_aggregate_vs_prior",
+    "mmd_test",
     "per_dimension_kl",
     "rate",
 ]

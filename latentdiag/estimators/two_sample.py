@@ -136,9 +136,10 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
 
       with a permutation p-value (1 + #{b : MMD^2_u(perm_b) >= MMD^2_u}) / (1 + B) over B random relabellings
       of the pooled sample. The kernel is computed in (chunk x chunk) blocks of the pooled sample (squared
-      distances by a matrix product, ||a||^2 + ||b||^2 - 2 a.b, clamped at 0) and every block serves the
-      observed split and all B permutations at once (a product with the (N, B + 2) matrix of group indicators),
-      so memory is O(chunk^2 + N B) and the N x N kernel is never built. Time O(N^2 (D + B)), N = n + m.
+      distances ||a||^2 + ||b||^2 - 2 a.b by one matrix product of augmented rows, clamped at 0), and every
+      block serves the observed split and all B permutations at once (a product with the (N, B + 2) matrix of
+      group indicators), so memory is O(chunk^2 + N B) and the N x N kernel is never built. Time
+      O(N^2 (D + B)), N = n + m.
     - ``"linear"``: the linear-time statistic (Gretton 2012, Sec. 6) over P = min(n, m) // 2 pairs,
       h_i = k(x_{2i-1}, x_{2i}) + k(y_{2i-1}, y_{2i}) - k(x_{2i-1}, y_{2i}) - k(x_{2i}, y_{2i-1}); value = mean h,
       stderr = std(h) / sqrt(P), one-sided p-value from the normal approximation. Cheap, but it uses only 4P
@@ -304,17 +305,24 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
     """
     big, m = pooled.shape[0], pooled.shape[0] - n
     device = pooled.device
+    # squared distances as one matrix product of augmented rows: [a, |a|^2, 1] . [-2 b, 1, |b|^2] = |a - b|^2;
+    # with a single kernel the right factor also carries -1 / (2 h^2), so a block product is the kernel's exponent
     z = pooled.to(dtype)
-    sq = (z * z).sum(1)
+    sq = (z * z).sum(1, keepdim=True)
+    ones = torch.ones_like(sq)
+    left = torch.cat([z, sq, ones], 1)
+    right = torch.cat([-2 * z, ones, sq], 1)
+    coefs = [-0.5 / float(h) ** 2 for h in bandwidths]
+    if len(coefs) == 1:
+        right = right * coefs[0]
     indicators = torch.cat([torch.ones(big, 1, dtype=torch.float64), columns], 1).to(device)
     ind = indicators.to(dtype)
     acc = torch.zeros_like(indicators)  # K @ indicators, float64
-    coefs = [-0.5 / float(h) ** 2 for h in bandwidths]
     for i0 in range(0, big, chunk_size):
         i1 = min(big, i0 + chunk_size)
         for j0 in range(i0, big, chunk_size):
             j1 = min(big, j0 + chunk_size)
-            k = _kernel_block(z[i0:i1], z[j0:j1], sq[i0:i1], sq[j0:j1], coefs, diagonal=i0 == j0)
+            k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=i0 == j0)
             if dtype == torch.float64:
                 acc[i0:i1].addmm_(k, ind[j0:j1])
                 if j0 != i0:
@@ -334,14 +342,22 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
     return stat.cpu().numpy()
 
 
-def _kernel_block(a: torch.Tensor, b: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, coefs: Sequence[float],
-                  *, diagonal: bool) -> torch.Tensor:
-    """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for a block; ``diagonal``: a is b, so d_ii = 0 exactly."""
-    d2 = torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, beta=1.0, alpha=-2.0).clamp_(min=0.0)
+def _kernel_block(left: torch.Tensor, right: torch.Tensor, coefs: Sequence[float], *, diagonal: bool
+                  ) -> torch.Tensor:
+    """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for a block of augmented rows (see :func:`_mmd2_u_columns`).
+
+    One kernel: ``right`` is pre-scaled, the product is -||a - b||^2 / (2 h^2), clamped at 0 from above. Several:
+    the product is ||a - b||^2, clamped at 0 from below. ``diagonal``: a is b, so the distance d_ii is 0 exactly.
+    """
+    prod = left @ right.T
+    if len(coefs) == 1:
+        prod.clamp_(max=0.0)
+        if diagonal:
+            prod.fill_diagonal_(0.0)
+        return prod.exp_()
+    d2 = prod.clamp_(min=0.0)
     if diagonal:
         d2.fill_diagonal_(0.0)
-    if len(coefs) == 1:
-        return d2.mul_(coefs[0]).exp_()
     k = torch.exp(d2 * coefs[0])
     for c in coefs[1:]:
         k += torch.exp(d2 * c)
@@ -497,23 +513,10 @@ def _prior_marginals(prior: Distribution, latent_dim: int) -> tuple[np.ndarray, 
 
 
 def _benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
-    """BH-adjusted p-values: scipy's ``false_discovery_control`` (scipy >= 1.11), else the same formula."""
+    """Benjamini-Hochberg adjusted p-values (scipy's ``false_discovery_control``)."""
     from scipy import stats
 
-    if hasattr(stats, "false_discovery_control"):
-        return np.asarray(stats.false_discovery_control(pvalues, method="bh"), dtype=float)
-    return _bh_adjust(pvalues)
-
-
-def _bh_adjust(pvalues: np.ndarray) -> np.ndarray:
-    """p_(i) * D / i, made monotone from the largest rank down, capped at 1 (Benjamini & Hochberg 1995)."""
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p)
-    ranked = p[order] * p.size / np.arange(1, p.size + 1)
-    ranked = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
-    out = np.empty_like(ranked)
-    out[order] = ranked
-    return out
+    return np.asarray(stats.false_discovery_control(pvalues, method="bh"), dtype=float)
 
 
 def _correlated_samples_note(samples_per_point: int) -> str:
