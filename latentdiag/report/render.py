@@ -25,6 +25,11 @@ def render_table(results: Sequence[Estimate]) -> str:
         derived = []
         if "bits_per_dim" in r.extra:
             derived.append(f"{r.extra['bits_per_dim']:.4f} ± {r.extra['bits_per_dim_stderr']:.4f} bits/dim")
+        if "pvalue" in r.extra:
+            derived.append(f"p = {r.extra['pvalue']:.3g}")
+        if "min_pvalue_bh" in r.extra:
+            derived.append(f"of {int(r.extra['dimensions'])} rejected at {r.extra['alpha']} (BH); "
+                           f"min adjusted p = {r.extra['min_pvalue_bh']:.3g}")
         if "ess_median" in r.extra:
             derived.append(f"median ESS {r.extra['ess_median']:.1f} of k={r.settings.get('k')}")
         derived += list(r.flags)
