@@ -282,3 +282,11 @@ def test_encode_keeps_labels_and_kl():
     assert torch.equal(table.labels, y) and table.n == 30 and table.latent_dim == 2
     np.testing.assert_allclose(table.kl, model.exact_kl(x).numpy(), atol=1e-10)
     assert ld.encode(model, x).labels is None
+
+
+def test_clamped_row_logsumexp_is_exact_and_keeps_empty_rows():
+    from latentdiag.estimators.pairwise import _logsumexp_rows
+
+    block = torch.tensor([[0.0, -1000.0, -2.0], [-math.inf] * 3, [5.0, -math.inf, 5.0], [-800.0, -1e4, -801.0]],
+                         dtype=torch.float64)
+    torch.testing.assert_close(_logsumexp_rows(block.clone()), torch.logsumexp(block, 1), rtol=0, atol=1e-12)

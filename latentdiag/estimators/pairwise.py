@@ -31,9 +31,23 @@ def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1
         acc = out[i0:i0 + chunk_size]
         for j0, j1 in _datapoint_blocks(table, start, stop, chunk_size):
             block = _block_log_q(z[i0:i0 + chunk_size], table, j0, j1)
-            acc = torch.logaddexp(acc, torch.logsumexp(block, dim=1))
+            acc = torch.logaddexp(acc, _logsumexp_rows(block))
         out[i0:i0 + chunk_size] = acc
     return out
+
+
+def _logsumexp_rows(block: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp that clamps terms more than 700 nats below the row maximum before ``exp``.
+
+    Identical in float64 (e^-700 ~ 1e-304 cannot move a sum that holds 1), and several times faster: the CPU
+    ``exp`` of arguments that underflow is 10-100x slower than of ordinary ones, and well-separated posteriors
+    put most of a block there.
+    """
+    top = block.amax(dim=1, keepdim=True)
+    empty = top == -math.inf  # rows where every density is 0 stay at -inf
+    top = top.masked_fill(empty, 0.0)
+    shifted = block.sub_(top).clamp_(min=-700.0).exp_()
+    return (top.squeeze(1) + torch.log(shifted.sum(dim=1))).masked_fill(empty.squeeze(1), -math.inf)
 
 
 def _datapoint_blocks(table: EncodedTable, start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
@@ -50,8 +64,8 @@ def _datapoint_blocks(table: EncodedTable, start: int, stop: int, chunk: int) ->
     return bounds
 
 
-def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 64,
-                            datapoint_chunk: int = 256) -> torch.Tensor:
+def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 32,
+                            datapoint_chunk: int = 64) -> torch.Tensor:
     """L_id = log sum_j q(z_id | x_j) for every sample i and dimension d, shape (M, D).
 
     The per-dimension marginals of the beta-TCVAE decomposition. Not a matrix product: each of the M x N x D terms
@@ -73,8 +87,10 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
         acc = torch.zeros(zi.shape[0], z.shape[1], dtype=torch.float64)
         for j0 in range(0, table.n, datapoint_chunk):
             j1 = j0 + datapoint_chunk
-            t = (zi - loc[None, j0:j1]) * inv[None, j0:j1]
-            acc += (torch.exp(-(t * t)) * ratio[None, j0:j1]).sum(1)
+            # in place on one small temporary (it stays in cache): exp(-((z - mu) * inv)^2) * ratio
+            t = zi - loc[None, j0:j1]
+            t.mul_(inv[None, j0:j1]).square_().neg_().exp_().mul_(ratio[None, j0:j1])
+            acc += t.sum(1)
         out[i0:i0 + chunk_size] = acc.log()
     out += -torch.log(s_min) - 0.5 * _LOG_2PI
     bad = ~torch.isfinite(out).all(1)
