@@ -40,7 +40,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import (  # noqa: E402 -- benchmarks/ is the script's own folder on sys.path
+    _cpu_name,
+    _library_version,
+    _maxrss_mb,
+    _release_free_heap,
+    _reset_peak_rss,
+    _rss_mb,
+)
 
 DEFAULTS = {
     "mi_n": 4000, "mi_d": 32,
@@ -141,42 +149,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- memory -------------------------------------------------------------------------------------------------------
-
-def _maxrss_mb() -> float:
-    """Peak RSS of this process so far, from getrusage (KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
-
-
-def _rss_mb() -> float | None:
-    """Current RSS of this process (Linux /proc), or None where unavailable."""
-    try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _release_free_heap() -> None:
-    """Give freed heap back to the OS (glibc ``malloc_trim``), so the RSS before the timed calls is comparable."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
 
 # -- synthetic inputs (rebuilt identically in every worker) --------------------------------------------------------
 
@@ -404,35 +376,6 @@ def launch_worker(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 # -- parent -------------------------------------------------------------------------------------------------------
-
-def _library_version() -> str:
-    """latentdiag's version, plus the git commit of its checkout (and "+dirty" with local changes) when known."""
-    import latentdiag
-
-    out = f"latentdiag {latentdiag.__version__}"
-    root = Path(latentdiag.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "latentdiag"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return out
-    if commit.returncode == 0:
-        out += f" (git {commit.stdout.strip()}{'+dirty' if dirty.stdout.strip() else ''})"
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _total_memory_bytes() -> int | None:
     """Physical memory of this machine (Linux /proc/meminfo), or None where unavailable."""
