@@ -70,27 +70,28 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
 
     The per-dimension marginals of the beta-TCVAE decomposition. Not a matrix product: each of the M x N x D terms
     needs its own exponential, so the kernel is built to spend one exponential per term and nothing else:
-    q(z_d|x_j) = c_d * r_jd * exp(-(z_d - mu_jd)^2 / (2 s_jd^2)) with r_jd = s_min,d / s_jd and
-    c_d = 1 / (s_min,d sqrt(2 pi)) precomputed, every factor <= 1, so the sums need no running maximum (no
-    log-sum-exp passes). The difference form (z - mu) / s avoids the cancellation of an expanded square; float64
-    throughout. Rows whose sum underflows (z far outside every posterior: impossible for samples drawn from the
+    q(z_d|x_j) = c_d * exp(log r_jd - (z_d - mu_jd)^2 / (2 s_jd^2)) with r_jd = s_min,d / s_jd <= 1 and
+    c_d = 1 / (s_min,d sqrt(2 pi)) precomputed, so every term is <= c_d and the sums need no running maximum (no
+    log-sum-exp passes). The square is of a difference (z - mu) / (sqrt(2) s), not an expanded one, so there is
+    no cancellation; float64 throughout. Rows whose sum underflows (z far outside every posterior: impossible for samples drawn from the
     table's own posteriors, which keep their own term) are recomputed with an exact log-sum-exp.
     """
     loc, scale = _marginal_params(table)
     z = z.to(torch.float64)
     s_min = scale.min(0).values
-    inv = math.sqrt(0.5) / scale                     # (z - mu) * inv squared = (z - mu)^2 / (2 s^2)
-    ratio = s_min / scale
+    inv = math.sqrt(0.5) / scale                     # (z * inv - mu * inv)^2 = (z - mu)^2 / (2 s^2)
+    shift = loc * inv
+    log_ratio = torch.log(s_min / scale)             # <= 0
     out = torch.empty(z.shape, dtype=torch.float64)
     for i0 in range(0, z.shape[0], chunk_size):
         zi = z[i0:i0 + chunk_size, None, :]
         acc = torch.zeros(zi.shape[0], z.shape[1], dtype=torch.float64)
         for j0 in range(0, table.n, datapoint_chunk):
             j1 = j0 + datapoint_chunk
-            # in place on one small temporary (it stays in cache): exp(-((z - mu) * inv)^2) * ratio
-            t = zi - loc[None, j0:j1]
-            t.mul_(inv[None, j0:j1]).square_().neg_().exp_().mul_(ratio[None, j0:j1])
-            acc += t.sum(1)
+            # in place on one small temporary that stays in cache: exp(log r - ((z - mu) / (sqrt(2) s))^2)
+            t = zi * inv[None, j0:j1]
+            t.sub_(shift[None, j0:j1]).square_()
+            acc += torch.sub(log_ratio[None, j0:j1], t, out=t).exp_().sum(1)
         out[i0:i0 + chunk_size] = acc.log()
     out += -torch.log(s_min) - 0.5 * _LOG_2PI
     bad = ~torch.isfinite(out).all(1)
