@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["_maxrss_mb", "_rss_mb", "_release_free_heap", "_reset_peak_rss", "_library_version", "_cpu_name"]
+__all__ = ["_maxrss_mb", "_rss_mb", "_release_free_heap", "_reset_peak_rss", "machine_line"]
 
 
 def _maxrss_mb() -> float:
@@ -79,3 +79,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line saying where a benchmark ran: cores, CPU, OS, Python, torch and its threads, latentdiag's commit."""
+    import torch
+
+    return (f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.system()} {platform.release()}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; {_library_version()}")

@@ -39,7 +39,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,9 +48,8 @@ import time
 from pathlib import Path
 
 from _harness import (  # noqa: E402 -- benchmarks/ is the script's own folder on sys.path
-    _cpu_name,
-    _library_version,
     _maxrss_mb,
+    machine_line,
     _release_free_heap,
     _reset_peak_rss,
     _rss_mb,
@@ -456,9 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
-    print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.system()} {platform.release()}; "
-          f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; {_library_version()}")
+    print(machine_line())
     print(f"setup: synthetic diagonal-Gaussian posteriors, loc ~ N(0, 1), scale ~ U(0.05, 0.55), float64, seed "
           f"{args.seed}; z = table.sample(1, seed={args.seed}); median of {args.repeats} call(s) "
           f"({args.big_repeats} for the large ours-only runs); each method in its own process"

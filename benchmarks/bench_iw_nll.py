@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,9 +42,8 @@ import time
 from pathlib import Path
 
 from _harness import (  # noqa: E402 -- benchmarks/ is the script's own folder on sys.path
-    _cpu_name,
-    _library_version,
     _maxrss_mb,
+    machine_line,
     _release_free_heap,
     _reset_peak_rss,
     _rss_mb,
@@ -235,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
-    print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.system()} {platform.release()}; "
-          f"python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; {_library_version()}")
+    print(machine_line())
     print(f"setup: mlp_vae{INPUT_SHAPE} latent_dim={LATENT_DIM} bernoulli, trained {args.epochs} epoch(s) on "
           f"mnist5k train (binary, 4000 digits), seed {args.seed}; eval on the first {args.n} mnist5k test digits; "
           f"K = {args.k}; reference chunk {args.ref_chunk}; median of {args.repeats} call(s)")
