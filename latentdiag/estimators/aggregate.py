@@ -228,7 +228,7 @@ def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold
     threshold = check_positive_float("threshold", threshold)
     if table.n < 2:
         raise ValueError(f"active units need at least 2 datapoints; got {table.n}.")
-    activity = table.means.var(0, unbiased=True).numpy()
+    activity = table.means.var(0, correction=1).numpy()
     active = activity > threshold
     return Estimate(name="active_units", value=float(active.sum()), stderr=float("nan"), n=table.n,
                     unit="dimensions", estimator=f"count of d with Var_x(E_q[z_d|x]) > {threshold}",
@@ -255,7 +255,7 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
     kl_dims = kl.mean(0).numpy()
     return Estimate(name="per_dimension_kl", value=value, stderr=stderr, n=table.n, unit="nats",
                     estimator="analytic E_x KL(q(z_d|x) || p(z_d)) per dimension, summed",
-                    per_dimension={"kl": kl_dims, "kl_stderr": kl.std(0, unbiased=True).numpy() / math.sqrt(table.n)},
+                    per_dimension={"kl": kl_dims, "kl_stderr": kl.std(0, correction=1).numpy() / math.sqrt(table.n)},
                     per_datapoint=per_point)
 
 
