@@ -149,13 +149,13 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
                             estimator="E[log q(z|x) - log p(z)] on the same samples: exactly MI + marginal KL",
                             flags=("monte_carlo",), **common),
     }
-    tc = dimwise = None
+    tc = dimwise = skipped = None
     if decompose:
         tc, dimwise, skipped = _decomposition(table, z, log_q_agg, log_p_dims, per_dim_chunk_size, common,
                                               finite_n)
-        if skipped:
-            settings["decomposition_skipped"] = skipped
-    return AggregatePosterior(total_correlation=tc, dimwise_kl=dimwise, settings=settings, **estimates)
+    # a copy: the estimates above hold ``settings`` and must not see it change after they were made
+    overall = {**settings, "decomposition_skipped": skipped} if skipped else dict(settings)
+    return AggregatePosterior(total_correlation=tc, dimwise_kl=dimwise, settings=overall, **estimates)
 
 
 def _decomposition(table, z, log_q_agg, log_p_dims, chunk, common, finite_n):
