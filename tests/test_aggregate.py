@@ -109,6 +109,23 @@ def test_float64_kernel_matches_direct_pairs_at_small_scales():
     assert (f32.double() - direct).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("chunk_size, block_elements", [(32, 1 << 17), (7, 100), (1, 1)])
+def test_per_dim_kernel_exact_when_terms_underflow_and_for_far_samples(chunk_size, block_elements):
+    # scales 1e-3..1 put most exponents far below the -700 clamp; rows 20+ lie far outside every posterior, so
+    # every term is clamped and the row must be recomputed exactly, not read as log(N e^-700)
+    g = torch.Generator().manual_seed(3)
+    n, d = 250, 6
+    loc = torch.randn(n, d, generator=g, dtype=torch.float64)
+    scale = 10 ** (-3 * torch.rand(n, d, generator=g, dtype=torch.float64))
+    table = EncodedTable(family="diag_normal", means=loc, prior=Independent(Normal(torch.zeros(d), 1.0), 1),
+                         kl=np.zeros(n), kl_method="analytic", loc=loc, scale=scale)
+    z = torch.cat([table.sample(1, seed=0)[0][:20], 60 + torch.randn(13, d, generator=g, dtype=torch.float64)])
+    direct = torch.logsumexp(Normal(loc[None], scale[None]).log_prob(z[:, None, :]), 1)
+    got = logsumexp_log_q_per_dim(z, table, chunk_size=chunk_size, block_elements=block_elements)
+    assert (direct[20:] < -1000).all()                # the far rows really are beyond the clamp
+    torch.testing.assert_close(got, direct, rtol=1e-12, atol=1e-10)
+
+
 def test_generic_family_agrees_with_the_matrix_product_path():
     model = LinearGaussianModel.random(5, 3, seed=1, posterior="mean_field")
     x = model.sample(80, torch.Generator().manual_seed(0))
