@@ -1,5 +1,15 @@
-"""Reference models built on the protocol (the LPVAE / FPVAE family arrives with the trainer)."""
+"""Reference models built on the protocol, a registry of named builders and the checkpoint format that
+rebuilds them from a weights-only load."""
 
+from latentdiag.models.checkpoint import (
+    ReferenceCheckpoint,
+    is_reference_checkpoint,
+    load_reference_checkpoint,
+    save_checkpoint,
+)
 from latentdiag.models.mlp import GaussianMLPEncoder, MLPDecoder, mlp_vae
+from latentdiag.models.registry import build_model, model_config, register_model, registered_models
 
-__all__ = ["GaussianMLPEncoder", "MLPDecoder", "mlp_vae"]
+__all__ = ["GaussianMLPEncoder", "MLPDecoder", "ReferenceCheckpoint", "build_model", "is_reference_checkpoint",
+           "load_reference_checkpoint", "mlp_vae", "model_config", "register_model", "registered_models",
+           "save_checkpoint"]

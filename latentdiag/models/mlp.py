@@ -10,6 +10,7 @@ from torch import nn
 
 from latentdiag._validation import check_int
 from latentdiag.adapters.modules import ModuleVAE, from_modules
+from latentdiag.models.registry import register_model
 
 __all__ = ["GaussianMLPEncoder", "MLPDecoder", "mlp_vae"]
 
@@ -48,6 +49,7 @@ class MLPDecoder(nn.Module):
         return self.net(z).reshape(z.shape[0], *self.out_shape)
 
 
+@register_model("mlp_vae")
 def mlp_vae(input_shape: Sequence[int], latent_dim: int = 16, *, hidden: Sequence[int] = (256, 256),
             likelihood: str = "bernoulli", levels: int = 256) -> ModuleVAE:
     """An MLP VAE with N(0, I) prior, diagonal Gaussian posterior and a bernoulli or categorical likelihood.
