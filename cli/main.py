@@ -1,23 +1,254 @@
 """``latentdiag`` commands. Thin: parse options, call the library, print, return an exit code.
 
-Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error, 4 nothing evaluated.
+Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error (unloadable or refused checkpoint, model
+error, non-finite metric), 4 nothing evaluated.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
 import latentdiag
 
-EXIT_RUNTIME = 3
+EXIT_OK, EXIT_RULE, EXIT_USAGE, EXIT_RUNTIME, EXIT_NOTHING = 0, 1, 2, 3, 4
+FORMATS = ("table", "json", "csv", "md")
+
+
+class _Fail(Exception):
+    """Stop a command with an exit code and a message on stderr."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _run(fn: Callable[[], int | None]) -> None:
+    """Call the body of a command; map library errors to exit codes (usage 2, runtime 3)."""
+    try:
+        code = fn() or EXIT_OK
+    except _Fail as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.code)
+    except click.ClickException:
+        raise
+    except KeyboardInterrupt:
+        click.echo("interrupted: no report file was left half-written", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _progress(no_progress: bool, quiet: bool) -> bool:
+    return not (no_progress or quiet) and sys.stderr.isatty()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(latentdiag.__version__, prog_name="latentdiag")
 def cli() -> None:
-    """Diagnose trained latent variable models (VAEs): rate, distortion, ELBO, importance-weighted NLL."""
+    """Diagnose trained latent variable models (VAEs): rate, distortion, IW-NLL, index-code MI, marginal KL,
+    total correlation, active units, two-sample tests of q(z) against p(z), and more.
+
+    Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error, 4 nothing evaluated.
+    """
+
+
+# -- shared options --------------------------------------------------------------------------------------------
+
+def _model_options(fn):
+    for option in reversed([
+        click.option("--model", "factory", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                     help="Factory that returns a protocol model given the loaded checkpoint (or its path, if its "
+                          "first parameter is named 'path'). Default: the checkpoint is a latentdiag reference "
+                          "checkpoint and rebuilds itself."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow full unpickling of the checkpoint (can run code: only for files you trust)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _eval_options(fn):
+    for option in reversed([
+        click.option("--data", "data_spec", default=None, metavar="SPEC",
+                     help="Bundled name (mnist5k, digits, ...) or KIND:PATH with KIND mnist, cifar10, tensor, npz. "
+                          "Default: what the checkpoint was trained on."),
+        click.option("--data-format", type=click.Choice(["float", "levels", "binary"]), default=None,
+                     help="Pixel format of image data. Default: the checkpoint's, else float."),
+        click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True),
+        click.option("--limit", type=click.IntRange(min=2), default=None, help="Evaluate the first N datapoints."),
+        click.option("--metrics", default=None, metavar="LIST",
+                     help="Comma-separated metrics, 'default' or 'all' (see `latentdiag metrics`)."),
+        click.option("--iw-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Importance samples K for the IW-NLL."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("-q", "--quiet", is_flag=True, help="Print only the requested output format."),
+        click.option("-v", "--verbose", is_flag=True, help="Say what runs and how long it takes (stderr)."),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars (they go to stderr, on terminals only)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _load(checkpoint: str, factory: str | None, trust: bool):
+    from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError
+    from latentdiag.report import load_model
+
+    try:
+        return load_model(checkpoint, factory=factory, trusted=trust)
+    except FileNotFoundError as err:
+        raise _Fail(EXIT_RUNTIME, str(err)) from err
+    except UnsafeCheckpointError as err:
+        raise _Fail(EXIT_RUNTIME, f"{err} (nothing was run)") from err
+    except (CheckpointReadError, ImportError, AttributeError) as err:
+        raise _Fail(EXIT_RUNTIME, str(err)) from err
+    except (ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise _Fail(EXIT_RUNTIME, f"cannot build the model from {checkpoint!r}: {err}") from err
+
+
+def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | None):
+    from latentdiag.data.spec import load_spec
+
+    trained_on = loaded.data or {}
+    if spec is None:
+        spec = trained_on.get("name")
+        if spec is None:
+            raise click.UsageError("--data is required: the checkpoint does not record what it was trained on.")
+    if fmt is None and spec == trained_on.get("name"):
+        fmt = trained_on.get("format")
+    try:
+        data = load_spec(spec, split, format=fmt)
+    except FileNotFoundError as err:
+        raise click.UsageError(f"--data: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise click.UsageError(f"--data: {err}") from err
+    if limit is not None:
+        data = _head(data, limit)
+    return data, {"spec": spec, "split": split, "format": fmt, "n": _length(data)}
+
+
+def _head(data: Any, n: int) -> Any:
+    from latentdiag.data import DataSplit
+
+    if isinstance(data, DataSplit):
+        return DataSplit(x=data.x[:n], y=data.y[:n], name=data.name, num_classes=data.num_classes)
+    return data[:n]
+
+
+def _length(data: Any) -> int:
+    return len(data)
+
+
+def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, progress, verbose, command):
+    from latentdiag.estimators import NonFiniteEstimateError
+    from latentdiag.report import resolve_metrics, run_report
+
+    try:
+        names = resolve_metrics(metrics)
+    except ValueError as err:
+        raise click.UsageError(f"--metrics: {err}") from err
+
+    def say(name: str, seconds: float) -> None:
+        if verbose:
+            click.echo(f"  {name}: {seconds:.2f} s", err=True)
+
+    try:
+        return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
+                          progress=progress, on_metric=say,
+                          provenance_extra={"command": command, **loaded.provenance(), "data": data_info})
+    except NonFiniteEstimateError as err:
+        raise _Fail(EXIT_RUNTIME, f"non-finite metric: {err}") from err
+    except (ValueError, TypeError) as err:
+        if "device" in str(err):
+            raise click.UsageError(str(err)) from err
+        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {err}") from err
+    except (RuntimeError, ArithmeticError) as err:
+        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {err}") from err
+
+
+def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
+    from latentdiag.report import render_csv, render_markdown, render_report_json, render_report_table, write_report
+
+    if out is not None:
+        written = write_report(report, out, formats=("json", "csv", "md", "html"), plots=plots)
+        if not quiet:
+            click.echo("wrote " + ", ".join(written), err=True)
+    text = {"table": render_report_table, "json": render_report_json, "csv": render_csv,
+            "md": render_markdown}[fmt](report)
+    click.echo(text.rstrip("\n"))
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_model_options
+@_eval_options
+@click.option("--out", default="latentdiag-report", show_default=True, metavar="DIR",
+              help="Folder for report.json, report.csv, report.md and report.html.")
+@click.option("--no-files", is_flag=True, help="Write no files; print only.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="What goes to stdout.")
+@click.option("--no-plots", is_flag=True, help="Leave the plots out of report.html (faster).")
+def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples, seed,
+           device, quiet, verbose, no_progress, out, no_files, fmt, no_plots):
+    """Report on the model in CHECKPOINT: table on stdout, report files in --out."""
+    def body():
+        loaded = _load(checkpoint, factory, trust_checkpoint)
+        data, info = _data(loaded, data_spec, data_format, split, limit)
+        if verbose:
+            click.echo(f"evaluating {checkpoint} on {info['spec']} ({info['split']}, n = {info['n']})", err=True)
+        rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+                        progress=_progress(no_progress, quiet), verbose=verbose, command="report")
+        if not rep.results:
+            _emit(rep, fmt, None, False, quiet)
+            raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+        _emit(rep, fmt, None if no_files else out, not no_plots, quiet)
+        return EXIT_OK
+    _run(body)
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_model_options
+@_eval_options
+@click.option("--labels", default=None, help="Comma-separated names for the checkpoints (default: file stems).")
+@click.option("--out", default=None, metavar="DIR", help="Also write compare.csv, compare.json and compare.html.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--mixed-membership/--no-mixed-membership", default=True, show_default=True,
+              help="Also fit the mixed-membership model over the models' q(z) and the prior (when available).")
+def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples,
+            seed, device, quiet, verbose, no_progress, labels, out, fmt, mixed_membership):
+    """Report on several checkpoints on the same data, side by side."""
+    from latentdiag.report.compare import compare_reports, render_compare
+
+    def body():
+        names = [s.strip() for s in labels.split(",")] if labels else [Path(c).stem for c in checkpoints]
+        if len(names) != len(checkpoints) or len(set(names)) != len(names):
+            raise click.UsageError(f"--labels must give {len(checkpoints)} distinct names; got {names}.")
+        loaded = {name: _load(c, factory, trust_checkpoint) for name, c in zip(names, checkpoints)}
+        first = next(iter(loaded.values()))
+        data, info = _data(first, data_spec, data_format, split, limit)
+        reports = {name: _evaluate(lm, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed,
+                                   device=device, progress=_progress(no_progress, quiet), verbose=verbose,
+                                   command="compare") for name, lm in loaded.items()}
+        if not any(r.results for r in reports.values()):
+            raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+        result = compare_reports(reports, models={k: v.model for k, v in loaded.items()}, data=data,
+                                 mixed_membership=mixed_membership, seed=seed)
+        click.echo(render_compare(result, fmt).rstrip("\n"))
+        if out is not None:
+            from latentdiag.report.compare import write_compare
+
+            written = write_compare(result, out)
+            if not quiet:
+                click.echo("wrote " + ", ".join(written), err=True)
+        return EXIT_OK
+    _run(body)
 
 
 @cli.command()
@@ -27,36 +258,55 @@ def cli() -> None:
 @click.option("--latent-dim", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--iw-samples", type=click.IntRange(min=1), default=200, show_default=True,
               help="Importance samples K for the IW-NLL.")
+@click.option("--metrics", default=None, metavar="LIST", help="Comma-separated metrics, 'default' or 'all'.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", default="latentdiag-demo", show_default=True, metavar="DIR",
+              help="Folder for model.pt and the report files.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results as JSON to this file.")
+              help="Also write report.json to this file.")
+@click.option("--no-plots", is_flag=True, help="Leave the plots out of report.html.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo(data_name: str, epochs: int, latent_dim: int, iw_samples: int, seed: int, device: str,
-         json_path: str | None, no_progress: bool) -> None:
-    """Train a small VAE on bundled data and report on its test split."""
-    from latentdiag._io import atomic_write_text
-    from latentdiag.demo import run_demo
-    from latentdiag.report import render_json, render_table
+def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, json_path, no_plots, no_progress):
+    """Train a small VAE on bundled data, save it as a checkpoint, and report on its test split."""
+    def body():
+        from latentdiag._io import atomic_write_text
+        from latentdiag.demo import train_demo_model
+        from latentdiag.models import save_checkpoint
+        from latentdiag.report import render_report_json
 
-    progress = not no_progress and sys.stderr.isatty()
-    try:
-        out = run_demo(data_name, epochs=epochs, latent_dim=latent_dim, iw_samples=iw_samples, seed=seed,
-                       device=device, progress=progress)
-    except (ValueError, TypeError) as err:
-        raise click.UsageError(str(err)) from err
-    except (ArithmeticError, RuntimeError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_RUNTIME)
-    s = out.settings
-    click.echo(f"trained an MLP VAE (latent {s['latent_dim']}) on {s['data']} train ({s['train_size']} digits, "
-               f"{s['epochs']} epochs, final -ELBO {out.train_loss[-1]:.2f} nats) on {s['device']}; "
-               f"evaluated on {s['test_size']} test digits:\n")
-    click.echo(render_table(out.results))
-    if json_path:
-        atomic_write_text(json_path, render_json(out.results, {"command": "demo", "latentdiag": latentdiag.__version__,
-                                                               **s}))
-        click.echo(f"\nwrote {json_path}")
+        progress = _progress(no_progress, False)
+        try:
+            model, losses = train_demo_model(data_name, epochs=epochs, latent_dim=latent_dim, seed=seed,
+                                             device=device, progress=progress)
+        except (ValueError, TypeError) as err:
+            raise click.UsageError(str(err)) from err
+        except (ArithmeticError, RuntimeError) as err:
+            raise _Fail(EXIT_RUNTIME, str(err)) from err
+        ckpt = save_checkpoint(Path(out) / "model.pt", model, data={"name": data_name, "format": "binary"},
+                               training={"epochs": epochs, "seed": seed, "history": losses})
+        click.echo(f"trained an MLP VAE (latent {latent_dim}) on {data_name} train ({epochs} epochs, final -ELBO "
+                   f"{losses[-1]:.2f} nats); saved {ckpt}", err=True)
+        loaded = _load(str(ckpt), None, False)
+        data, info = _data(loaded, None, None, "test", None)
+        rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+                        progress=progress, verbose=False, command="demo")
+        _emit(rep, "table", out, not no_plots, False)
+        if json_path:
+            atomic_write_text(json_path, render_report_json(rep))
+            click.echo(f"wrote {json_path}", err=True)
+        return EXIT_OK
+    _run(body)
+
+
+@cli.command("metrics")
+def list_metrics():
+    """List the metrics a report can run (default ones marked *)."""
+    from latentdiag.report import METRICS
+
+    for name, m in METRICS.items():
+        needs = f" (needs {', '.join(m.needs)})" if m.needs else ""
+        click.echo(f"{'*' if m.default else ' '} {name:22s} {m.description}{needs}")
 
 
 def main() -> None:

@@ -5,11 +5,13 @@ Import stays light: Pyro, matplotlib and pandas are imported only by the functio
 
 from latentdiag import adapters, testing
 from latentdiag.adapters import (
+    CheckpointReadError,
     LatentVariableModel,
     ModelProtocolError,
     SupportsDecoderLogits,
     SupportsNumDims,
     UnsafeCheckpointError,
+    UnsupportedModelError,
     check_model,
     load_checkpoint,
     load_factory,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AggregatePosterior",
+    "CheckpointReadError",
     "EncodedTable",
     "Estimate",
     "LatentVariableModel",
@@ -45,6 +48,7 @@ __all__ = [
     "SupportsDecoderLogits",
     "SupportsNumDims",
     "UnsafeCheckpointError",
+    "UnsupportedModelError",
     "__version__",
     "active_units",
     "adapters",

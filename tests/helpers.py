@@ -50,3 +50,8 @@ class MVNPriorModel(torch.nn.Module):
 
     def log_likelihood(self, x, z):
         return self.inner.log_likelihood(x, z)
+
+
+def linear_gaussian_factory(state):
+    """A ``--model`` factory for CLI tests: the checkpoint is ``{"seed": int}``."""
+    return LinearGaussianModel.random(6, 2, seed=int(state["seed"]))

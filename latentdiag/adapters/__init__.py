@@ -1,17 +1,19 @@
 """The model protocol and the adapters that make other people's models speak it."""
 
 from latentdiag.adapters.check import ModelCheck, ModelProtocolError, check_model
-from latentdiag.adapters.loading import UnsafeCheckpointError, load_checkpoint, load_factory
+from latentdiag.adapters.loading import CheckpointReadError, UnsafeCheckpointError, load_checkpoint, load_factory
 from latentdiag.adapters.modules import LIKELIHOODS, ModuleVAE, from_modules
 from latentdiag.adapters.protocol import (
     LatentVariableModel,
     SupportsDecoderLogits,
     SupportsNumDims,
+    UnsupportedModelError,
     has_capability,
     require_capability,
 )
 
 __all__ = [
+    "CheckpointReadError",
     "LIKELIHOODS",
     "LatentVariableModel",
     "ModelCheck",
@@ -20,6 +22,7 @@ __all__ = [
     "SupportsDecoderLogits",
     "SupportsNumDims",
     "UnsafeCheckpointError",
+    "UnsupportedModelError",
     "check_model",
     "from_modules",
     "has_capability",

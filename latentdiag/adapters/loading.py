@@ -6,18 +6,23 @@ import importlib
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["load_factory", "load_checkpoint", "UnsafeCheckpointError"]
+__all__ = ["load_factory", "load_checkpoint", "UnsafeCheckpointError", "CheckpointReadError"]
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds Python objects that a weights-only load refuses to build."""
+
+
+class CheckpointReadError(ValueError):
+    """A file that is not a readable torch checkpoint: corrupted, truncated, or another kind of file."""
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -68,22 +73,35 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
         If ``path`` does not exist.
     UnsafeCheckpointError
         If the weights-only load refuses the file; the message says what was blocked and how to allow it.
+    CheckpointReadError
+        (a ValueError) If the file is corrupted, truncated or not a torch checkpoint.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path; got {type(path).__name__}.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {os.fspath(path)!r} is not a file.")
-    if trusted:
-        return torch.load(path, map_location=map_location, weights_only=False)
     try:
+        if trusted:
+            return torch.load(path, map_location=map_location, weights_only=False)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         blocked = _blocked_global(str(err))
-        what = f"the Python object {blocked!r}" if blocked else "Python objects other than tensors and containers"
+        if trusted or blocked is None:  # no blocked object named: the bytes themselves are bad
+            raise _unreadable(path, err) from err
         raise UnsafeCheckpointError(
-            f"refused to load {os.fspath(path)!r}: it contains {what}, which a weights-only load does not build "
-            "because unpickling it could run arbitrary code. If you trust this file, load it with trusted=True; "
-            "better, save only the state_dict.") from err
+            f"refused to load {os.fspath(path)!r}: it contains the Python object {blocked!r}, which a weights-only "
+            "load does not build because unpickling it could run arbitrary code. If you trust this file, load it "
+            "with trusted=True (--trust-checkpoint on the command line); better, save only the state_dict.") from err
+    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: str | os.PathLike, err: BaseException) -> CheckpointReadError:
+    detail = str(err).strip().splitlines()
+    reason = next((line for line in detail if "Unsupported operand" in line), detail[0] if detail else "")
+    return CheckpointReadError(
+        f"cannot read checkpoint {os.fspath(path)!r}: it is corrupted, truncated or not a file written by "
+        f"torch.save ({type(err).__name__}{': ' + reason[:200] if reason else ''}).")
 
 
 def _blocked_global(message: str) -> str | None:

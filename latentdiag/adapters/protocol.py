@@ -8,6 +8,7 @@ import torch
 from torch.distributions import Distribution
 
 __all__ = [
+    "UnsupportedModelError",
     "LatentVariableModel",
     "SupportsDecoderLogits",
     "SupportsNumDims",
@@ -58,6 +59,11 @@ class SupportsNumDims(Protocol):
     def num_dims(self, x: torch.Tensor) -> int | torch.Tensor: ...
 
 
+class UnsupportedModelError(TypeError):
+    """The model cannot serve an estimator: it lacks a capability the estimator needs, or its distributions are
+    of a family the estimator does not handle. A report skips the estimator with this message."""
+
+
 CAPABILITIES = {"decoder_logits": SupportsDecoderLogits, "num_dims": SupportsNumDims}
 
 
@@ -67,7 +73,7 @@ def has_capability(model: Any, name: str) -> bool:
 
 
 def require_capability(model: Any, name: str, *, needed_by: str) -> None:
-    """Raise a ``TypeError`` naming the missing capability and the estimator that needs it."""
+    """Raise :class:`UnsupportedModelError` (a ``TypeError``) naming the missing capability and who needs it."""
     if not has_capability(model, name):
-        raise TypeError(f"{needed_by} needs the model capability {name}(x, ...), which "
+        raise UnsupportedModelError(f"{needed_by} needs the model capability {name}(x, ...), which "
                         f"{type(model).__name__} does not offer; see latentdiag.{CAPABILITIES[name].__name__}.")

@@ -14,6 +14,7 @@ from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
 from latentdiag.estimators._common import mean_and_stderr
 from latentdiag.estimators.encoded import EncodedTable, encode
+from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
 
@@ -246,7 +247,7 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
     table = _table(model_or_table, data, encode_kwargs)
     prior = table.prior
     if table.family != "diag_normal" or not (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)):
-        raise TypeError("per_dimension_kl needs a diagonal Normal posterior and an Independent(Normal) prior; got "
+        raise UnsupportedModelError("per_dimension_kl needs a diagonal Normal posterior and an Independent(Normal) prior; got "
                         f"{table.family} posterior and {type(prior).__name__} prior.")
     base = prior.base_dist
     kl = kl_divergence(Normal(table.loc, table.scale), Normal(base.loc.double().cpu(), base.scale.double().cpu()))

@@ -7,6 +7,7 @@ float, bool, None, lists, dicts): it survives a weights-only ``torch.load`` and 
 from __future__ import annotations
 
 import copy
+import importlib
 import difflib
 import math
 from collections.abc import Callable, Mapping
@@ -89,4 +90,4 @@ def _check_plain(where: str, value: Any) -> None:
 
 def _load_builtin() -> None:
     # the bundled builders register themselves on import
-    import latentdiag.models  # noqa: F401
+    importlib.import_module("latentdiag.models")

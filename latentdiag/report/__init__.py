@@ -1,5 +1,20 @@
-"""Rendering of estimator results (a terminal table and JSON until the full report lands)."""
+"""The report: run a chosen set of estimators on a model and data, and render the results (table, JSON, CSV,
+Markdown, HTML with plots). It computes no math itself."""
 
-from latentdiag.report.render import render_json, render_table
+from latentdiag.report.render import (
+    SCHEMA_VERSION,
+    render_csv,
+    render_html,
+    render_json,
+    render_markdown,
+    render_report_json,
+    render_report_table,
+    render_table,
+    write_report,
+)
+from latentdiag.report.runner import METRICS, Metric, Report, register_metric, resolve_metrics, run_report
+from latentdiag.report.source import LoadedModel, load_model
 
-__all__ = ["render_json", "render_table"]
+__all__ = ["METRICS", "LoadedModel", "Metric", "Report", "SCHEMA_VERSION", "load_model", "register_metric",
+           "render_csv", "render_html", "render_json", "render_markdown", "render_report_json",
+           "render_report_table", "render_table", "resolve_metrics", "run_report", "write_report"]

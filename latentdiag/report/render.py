@@ -1,4 +1,5 @@
-"""Plain renderers of a list of :class:`latentdiag.Estimate`: an aligned text table and versioned JSON."""
+"""Renderers: a list of :class:`latentdiag.Estimate` as a text table or versioned JSON, and whole reports as
+JSON, CSV, Markdown and self-contained HTML (plots embedded as PNG)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,171 @@ def render_json(results: Sequence[Estimate], provenance: Mapping[str, Any] | Non
     doc = {"schema_version": SCHEMA_VERSION, "provenance": dict(provenance or {}),
            "results": [r.to_dict() for r in results]}
     return json.dumps(doc, indent=2, allow_nan=False)
+
+
+# -- whole reports ------------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, numpy scalars and arrays become Python values."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def report_document(report: Any) -> dict[str, Any]:
+    """The versioned JSON document of a :class:`latentdiag.report.runner.Report`."""
+    return _plain(report.to_dict())
+
+
+def render_report_json(report: Any) -> str:
+    """``report.json``: schema version, provenance, results, skipped metrics with reasons, timings, plot data."""
+    return json.dumps(report_document(report), indent=2, allow_nan=False)
+
+
+def render_report_table(report: Any) -> str:
+    """The terminal table, then the metrics skipped and why."""
+    text = render_table(report.results)
+    if report.skipped:
+        text += "\n\nskipped:\n" + "\n".join(f"- {name}: {why}" for name, why in report.skipped.items())
+    return text
+
+
+def _rows(report: Any) -> list[dict[str, Any]]:
+    rows = []
+    for r in report.results:
+        rows.append({"metric": r.name, "value": r.value, "stderr": r.stderr, "unit": r.unit, "n": r.n,
+                     "flags": ";".join(r.flags), "estimator": r.estimator,
+                     **{f"extra.{k}": v for k, v in r.extra.items()}})
+    return rows
+
+
+def render_csv(report: Any) -> str:
+    """``report.csv``: one row per estimate (metric, value, stderr, unit, n, flags, estimator, extra.*)."""
+    import csv
+    import io
+
+    rows = _rows(report)
+    columns = ["metric", "value", "stderr", "unit", "n", "flags", "estimator"]
+    columns += sorted({k for row in rows for k in row} - set(columns))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def render_markdown(report: Any) -> str:
+    """A Markdown table of the estimates, the skipped metrics and the key provenance."""
+    lines = ["| metric | value | ± stderr | unit | n | notes |", "|---|---|---|---|---|---|"]
+    for r in report.results:
+        lines.append(f"| {r.name} | {_fmt(r.value)} | {_fmt(r.stderr)} | {r.unit} | {r.n} | "
+                     f"{'; '.join(r.flags).replace('|', '/')} |")
+    if report.skipped:
+        lines += ["", "Skipped:", *[f"- `{k}`: {v}" for k, v in report.skipped.items()]]
+    notes = [f"- `{r.name}`: {note}" for r in report.results for note in r.notes]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def report_figures(report: Any) -> dict[str, Any]:
+    """The plots a report's data allow, by title (matplotlib Figures)."""
+    from latentdiag.plots import report as plots
+
+    figs: dict[str, Any] = {}
+    rate, dist = report.result("rate"), report.result("distortion")
+    if rate is not None and dist is not None:
+        figs["Rate-distortion plane"] = plots.rate_distortion_plot([{
+            "label": report.provenance.get("label"), "rate": rate.value, "rate_stderr": rate.stderr,
+            "distortion": dist.value, "distortion_stderr": dist.stderr}])
+    p = report.plots
+    if "activity" in p:
+        figs["Per-dimension KL and active units"] = plots.per_dimension_plot(
+            p["activity"], p["active_threshold"], p.get("kl_per_dimension"))
+    for key, title, fn in _EXTRA_FIGURES:
+        if key in p:
+            figs[title] = fn(p[key])
+    if "histograms" in p:
+        figs["Aggregate posterior vs prior"] = plots.histograms_plot(p["histograms"])
+    if "iw_curve" in p:
+        figs["IW-NLL against K"] = plots.iw_curve_plot(p["iw_curve"])
+    return figs
+
+
+# (plot-data key, title, function) for figures of estimators that register themselves
+_EXTRA_FIGURES: list[tuple[str, str, Any]] = []
+
+
+def register_figure(key: str, title: str, fn: Any) -> None:
+    """Draw ``fn(report.plots[key])`` in the HTML report whenever a metric stored plot data under ``key``."""
+    _EXTRA_FIGURES.append((key, title, fn))
+
+
+def render_html(report: Any, *, plots: bool = True) -> str:
+    """A self-contained ``report.html``: the table, skipped metrics, notes, plots as embedded PNGs, provenance."""
+    import base64
+    import html
+    import io
+
+    esc = html.escape
+    body = [f"<h1>latentdiag report</h1><p>{esc(str(report.provenance.get('checkpoint', '')))}</p>",
+            "<table><tr><th>metric</th><th>value</th><th>± stderr</th><th>unit</th><th>n</th><th>flags</th>"
+            "<th>estimator</th></tr>"]
+    for r in report.results:
+        body.append(f"<tr><td>{esc(r.name)}</td><td>{_fmt(r.value)}</td><td>{_fmt(r.stderr)}</td>"
+                    f"<td>{esc(r.unit)}</td><td>{r.n}</td><td>{esc('; '.join(r.flags))}</td>"
+                    f"<td title='{esc(r.estimator)}'>{esc(r.estimator[:60])}</td></tr>")
+    body.append("</table>")
+    notes = [f"<li><b>{esc(r.name)}</b>: {esc(n)}</li>" for r in report.results for n in r.notes]
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(notes) + "</ul>")
+    if report.skipped:
+        body.append("<h2>Skipped</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>"
+                                                      for k, v in report.skipped.items()) + "</ul>")
+    if plots:
+        body.append("<h2>Plots</h2>")
+        for title, fig in report_figures(report).items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            data = base64.b64encode(buf.getvalue()).decode("ascii")
+            body.append(f"<figure><figcaption>{esc(title)}</figcaption>"
+                        f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
+    body.append("<h2>Time per metric</h2><table>" + "".join(
+        f"<tr><td>{esc(k)}</td><td>{v:.2f} s</td></tr>" for k, v in report.timings.items()) + "</table>")
+    body.append("<h2>Provenance</h2><pre>" + esc(json.dumps(_plain(report.provenance), indent=2)) + "</pre>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-weight:bold}")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>latentdiag report</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+REPORT_FILES = {"json": ("report.json", render_report_json), "csv": ("report.csv", render_csv),
+                "md": ("report.md", render_markdown)}
+
+
+def write_report(report: Any, out_dir: Any, *, formats: Sequence[str] = ("json", "csv", "html"),
+                 plots: bool = True) -> list[str]:
+    """Write the report files into ``out_dir``, each to a temporary name then renamed (an interrupted run
+    leaves no half-written file). Returns the paths written."""
+    from pathlib import Path
+
+    from latentdiag._io import atomic_write_text
+
+    out = Path(out_dir)
+    texts = {}
+    for fmt in formats:  # render everything first: a failing renderer writes nothing
+        if fmt == "html":
+            texts["report.html"] = render_html(report, plots=plots)
+        elif fmt in REPORT_FILES:
+            name, fn = REPORT_FILES[fmt]
+            texts[name] = fn(report)
+        else:
+            raise ValueError(f"unknown report format {fmt!r}; expected one of json, csv, md, html.")
+    return [str(atomic_write_text(out / name, text)) for name, text in texts.items()]

@@ -1,0 +1,103 @@
+"""Data named by one string, as the command line takes it: a bundled name, or ``kind:path`` for files on disk.
+
+===================  ==============================================================================
+spec                 meaning
+===================  ==============================================================================
+``mnist5k``          bundled MNIST digits (:func:`latentdiag.data.mnist5k`)
+``digits``           bundled 8 x 8 digits (:func:`latentdiag.data.digits`)
+``mnist:DIR``        MNIST / Fashion-MNIST IDX files in DIR (:func:`latentdiag.data.read_mnist`)
+``cifar10:DIR``      CIFAR-10 python batches in DIR (:func:`latentdiag.data.read_cifar10`)
+``tensor:FILE``      a ``.pt`` file holding a tensor x or a dict {"x": ..., "y": ...} (weights-only load)
+``npz:FILE``         a ``.npz`` file with arrays ``x`` and optionally ``y``
+===================  ==============================================================================
+
+Further bundled names (e.g. a text corpus) register themselves with :func:`register_data`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdiag.data.bundled import BUNDLED, load
+from latentdiag.data.files import DataSplit, read_cifar10, read_mnist
+
+__all__ = ["load_spec", "register_data", "data_names", "FILE_KINDS"]
+
+FILE_KINDS: tuple[str, ...] = ("mnist", "cifar10", "tensor", "npz")
+_EXTRA: dict[str, Callable[..., Any]] = {}
+
+
+def register_data(name: str, loader: Callable[..., Any]) -> None:
+    """Make ``loader(split, **options)`` available under ``name`` to :func:`load_spec` and the command line."""
+    if name in BUNDLED or name in FILE_KINDS:
+        raise ValueError(f"data name {name!r} is taken by a built-in loader.")
+    _EXTRA[name] = loader
+
+
+def data_names() -> list[str]:
+    """Bundled and registered data names that :func:`load_spec` accepts without a path."""
+    return [*BUNDLED, *sorted(_EXTRA)]
+
+
+def load_spec(spec: str, split: str = "test", *, format: str | None = None) -> Any:
+    """Load the data named by ``spec`` (see the module docstring) for ``split``.
+
+    ``format`` is the pixel format of image data (``"float"``, ``"levels"``, ``"binary"``; default ``"float"``);
+    it is ignored by ``tensor:`` and ``npz:`` files, which are taken as they are.
+
+    Raises
+    ------
+    ValueError
+        Unknown name (with a close match when there is one), unknown kind, or a file without the expected arrays.
+    FileNotFoundError
+        The path does not exist; the message names what was expected there.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"data must be a non-empty string such as 'mnist5k' or 'mnist:/path'; got {spec!r}.")
+    options = {} if format is None else {"format": format}
+    if ":" not in spec:
+        if spec in BUNDLED:
+            return load(spec, split, **options)
+        if spec in _EXTRA:
+            return _EXTRA[spec](split, **options)
+        close = difflib.get_close_matches(spec, data_names() + [f"{k}:" for k in FILE_KINDS], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"data {spec!r} is neither a bundled name ({', '.join(data_names())}) nor KIND:PATH with "
+                         f"KIND one of {', '.join(FILE_KINDS)}.{hint}")
+    kind, _, raw = spec.partition(":")
+    if kind not in FILE_KINDS:
+        close = difflib.get_close_matches(kind, FILE_KINDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"data kind {kind!r} in {spec!r} is not one of {', '.join(FILE_KINDS)}.{hint}")
+    path = Path(os.path.expanduser(raw))
+    if kind == "mnist":
+        return read_mnist(path, split, **options)
+    if kind == "cifar10":
+        return read_cifar10(path, split, **options)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {spec!r} expects a {'.pt' if kind == 'tensor' else '.npz'} "
+                                f"file at {os.fspath(path)!r}.")
+    if kind == "tensor":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        x, y = (obj.get("x"), obj.get("y")) if isinstance(obj, dict) else (obj, None)
+    else:
+        with np.load(path, allow_pickle=False) as arrays:
+            x = torch.from_numpy(arrays["x"].copy()) if "x" in arrays else None
+            y = torch.from_numpy(arrays["y"].copy()) if "y" in arrays else None
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"data file {os.fspath(path)!r} must hold a tensor 'x' of shape (N, ...); got "
+                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}.")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],)):
+        raise ValueError(f"data file {os.fspath(path)!r}: 'y' must be a tensor of shape ({x.shape[0]},); got "
+                         f"{getattr(y, 'shape', type(y).__name__)}.")
+    if y is None:
+        return x  # no labels: estimators take a bare tensor
+    y = y.long()
+    return DataSplit(x=x, y=y, name=path.name, num_classes=int(y.max()) + 1 if y.numel() else 1)

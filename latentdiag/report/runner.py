@@ -1,0 +1,291 @@
+"""Run a chosen set of estimators on one model and data set and collect what they return: the report.
+
+The report computes no math itself: each metric below calls the public estimators and keeps their results, the
+arrays that plots need, and its own wall time. A metric whose model lacks a capability (or whose estimator
+refuses the model) is skipped with the reason, not failed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
+from latentdiag.results import Estimate
+
+__all__ = ["Report", "Metric", "METRICS", "DEFAULT_METRICS", "run_report", "resolve_metrics", "provenance"]
+
+
+@dataclass
+class _Context:
+    model: Any
+    data: Any
+    seed: int
+    device: Any
+    progress: bool
+    iw_samples: int
+    train_data: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"seed": self.seed, "device": self.device, "progress": self.progress}
+
+    def table(self):
+        if "table" not in self.cache:
+            from latentdiag.estimators import encode
+
+            self.cache["table"] = encode(self.model, self.data, **self.common)
+        return self.cache["table"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named group of estimates: ``run(ctx)`` returns (estimates, plot data as plain JSON-like values)."""
+
+    name: str
+    description: str
+    run: Callable[[_Context], tuple[list[Estimate], dict[str, Any]]]
+    needs: tuple[str, ...] = ()
+    default: bool = True
+
+
+def _rate(ctx):
+    from latentdiag.estimators import rate
+    return [rate(ctx.model, ctx.data, **ctx.common)], {}
+
+
+def _distortion(ctx):
+    from latentdiag.estimators import distortion
+    return [distortion(ctx.model, ctx.data, **ctx.common)], {}
+
+
+def _elbo(ctx):
+    from latentdiag.estimators import elbo
+    return [elbo(ctx.model, ctx.data, **ctx.common)], {}
+
+
+def _iw_nll(ctx):
+    from latentdiag.estimators import iw_nll
+    return [iw_nll(ctx.model, ctx.data, k=ctx.iw_samples, **ctx.common)], {}
+
+
+def _iw_curve(ctx):
+    """IW-NLL against K on (at most) the first 200 datapoints: how far the bound still moves with K."""
+    from latentdiag._batching import iter_batches
+    from latentdiag.estimators import iw_nll
+
+    x = torch.cat([b.x for b in iter_batches(ctx.data)])[:200]
+    ks = sorted({k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if k < ctx.iw_samples}
+                | {ctx.iw_samples})
+    curve = [iw_nll(ctx.model, x, k=k, **ctx.common) for k in ks]
+    return [], {"iw_curve": {"k": ks, "nll": [c.value for c in curve], "stderr": [c.stderr for c in curve],
+                             "n": int(x.shape[0]), "unit": curve[-1].unit}}
+
+
+def _aggregate(ctx):
+    from latentdiag.estimators import aggregate_posterior
+
+    agg = aggregate_posterior(ctx.table(), seed=ctx.seed)
+    found = [agg.mutual_information, agg.marginal_kl, agg.total_correlation, agg.dimwise_kl]
+    plots: dict[str, Any] = {}
+    if agg.dimwise_kl is not None:
+        plots["dimwise_kl"] = agg.dimwise_kl.per_dimension["dimwise_kl"].tolist()
+    return [r for r in found if r is not None], plots
+
+
+def _active_units(ctx):
+    from latentdiag.adapters.protocol import UnsupportedModelError
+    from latentdiag.estimators import active_units, per_dimension_kl
+
+    au = active_units(ctx.table())
+    plots = {"activity": au.per_dimension["activity"].tolist(), "active_threshold": au.settings["threshold"]}
+    out = [au]
+    try:
+        kl = per_dimension_kl(ctx.table())
+    except UnsupportedModelError:  # not a factorised Normal: the activity plot alone
+        kl = None
+    if kl is not None:
+        plots["kl_per_dimension"] = kl.per_dimension["kl"].tolist()
+    return out, plots
+
+
+def _ks(ctx):
+    from latentdiag.estimators import ks_test
+    return [ks_test(ctx.table(), seed=ctx.seed)], {}
+
+
+def _mmd(ctx):
+    from latentdiag.estimators import mmd_aggregate_vs_prior
+    return [mmd_aggregate_vs_prior(ctx.table(), seed=ctx.seed)], {}
+
+
+def _histograms(ctx):
+    """Samples of the aggregate posterior for the most active dimensions, and the prior's density, for plots."""
+    from latentdiag.estimators.pairwise import marginal_log_prob
+
+    table = ctx.table()
+    activity = table.means.double().var(0, unbiased=True)
+    top = torch.argsort(activity, descending=True)[:6].tolist()
+    z, _, _ = table.sample(1, seed=ctx.seed)
+    zs = z[:, top].double()
+    lo, hi = float(zs.min()), float(zs.max())
+    grid = torch.linspace(min(lo, -4.0), max(hi, 4.0), 201, dtype=torch.float64)
+    log_p = marginal_log_prob(table.prior, grid[:, None].expand(-1, table.latent_dim))
+    return [], {"histograms": {"dims": top, "samples": zs.T.tolist(), "grid": grid.tolist(),
+                               "prior_density": None if log_p is None else log_p[:, top].exp().T.tolist()}}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("rate", "E KL(q(z|x) || p(z))", _rate),
+    Metric("distortion", "-E E_q log p(x|z)", _distortion),
+    Metric("elbo", "ELBO = -(distortion + rate)", _elbo),
+    Metric("iw_nll", "importance-weighted NLL bound with --iw-samples", _iw_nll),
+    Metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)", _iw_curve),
+    Metric("aggregate", "index-code MI, marginal KL, total correlation, dimension-wise KL", _aggregate),
+    Metric("active_units", "active units and per-dimension KL", _active_units),
+    Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks),
+    Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd),
+    Metric("histograms", "aggregate-posterior histograms against the prior (plot)", _histograms),
+]}
+
+
+def register_metric(metric: Metric) -> None:
+    """Add a metric to the report (estimator modules that land later register theirs here)."""
+    if not isinstance(metric, Metric):
+        raise TypeError(f"metric must be a Metric; got {type(metric).__name__}.")
+    METRICS[metric.name] = metric
+
+
+def _default_metrics() -> list[str]:
+    return [name for name, m in METRICS.items() if m.default]
+
+
+DEFAULT_METRICS = _default_metrics
+
+
+def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
+    """Metric names from a comma-separated string or a list (None or "default": the defaults; "all": every one),
+    in the report's order; unknown names raise ValueError with a close match."""
+    if names is None:
+        return _default_metrics()
+    items = [s.strip() for s in names.split(",")] if isinstance(names, str) else [str(s).strip() for s in names]
+    items = [s for s in items if s]
+    chosen: set[str] = set()
+    for item in items:
+        if item == "default":
+            chosen.update(_default_metrics())
+        elif item == "all":
+            chosen.update(METRICS)
+        elif item in METRICS:
+            chosen.add(item)
+        else:
+            close = difflib.get_close_matches(item, list(METRICS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown metric {item!r} in metrics; known: {', '.join(METRICS)}.{hint}")
+    if not chosen:
+        raise ValueError(f"metrics selects nothing; got {names!r}.")
+    return [name for name in METRICS if name in chosen]
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a report shows: estimates, the metrics skipped and why, plot data, timings, provenance."""
+
+    results: list[Estimate]
+    skipped: dict[str, str]
+    plots: dict[str, Any]
+    timings: dict[str, float]
+    provenance: dict[str, Any]
+
+    def result(self, name: str) -> Estimate | None:
+        """The estimate called ``name``, or None."""
+        return next((r for r in self.results if r.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        from latentdiag.report.render import SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION, "provenance": self.provenance,
+                "results": [r.to_dict() for r in self.results], "skipped": dict(self.skipped),
+                "timings_s": dict(self.timings), "plots": self.plots}
+
+
+def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = None, seed: int = 0,
+               device: Any = "auto", iw_samples: int = 1000, progress: bool = False,
+               provenance_extra: Mapping[str, Any] | None = None,
+               on_metric: Callable[[str, float], None] | None = None) -> Report:
+    """Run the chosen metrics on ``model`` and ``data`` and return a :class:`Report`.
+
+    A metric that needs a capability the model lacks, or whose estimator rejects the model
+    (:class:`latentdiag.UnsupportedModelError` or NotImplementedError: e.g. per-dimension KL of a
+    non-factorised posterior), is skipped with the reason. Other errors propagate: a model that fails is a
+    runtime error, not a skipped metric.
+    """
+    from latentdiag._runtime import resolve_device
+    from latentdiag._validation import check_int
+
+    names = resolve_metrics(metrics)
+    seed, iw_samples = check_int("seed", seed, minimum=0), check_int("iw_samples", iw_samples)
+    ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device), progress=progress,
+                   iw_samples=iw_samples)
+    results: list[Estimate] = []
+    skipped: dict[str, str] = {}
+    plots: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name in names:
+        metric = METRICS[name]
+        missing = [cap for cap in metric.needs if not has_capability(model, cap)]
+        if missing:
+            skipped[name] = f"the model lacks {', '.join(missing)}"
+            continue
+        start = time.perf_counter()
+        try:
+            found, extra = metric.run(ctx)
+        except (UnsupportedModelError, NotImplementedError) as err:
+            skipped[name] = str(err)
+            continue
+        finally:
+            timings[name] = time.perf_counter() - start
+        results += found
+        plots.update(extra)
+        if on_metric is not None:
+            on_metric(name, timings[name])
+    timings = {k: v for k, v in timings.items() if k not in skipped}
+    prov = provenance(model, ctx.device, seed)
+    prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed}
+    prov.update(provenance_extra or {})
+    return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov)
+
+
+def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:
+    """Package versions, device, dtype and seed: what a reader needs to reproduce or distrust a number."""
+    import datetime
+    import importlib.metadata as md
+
+    from latentdiag._runtime import model_device
+    from latentdiag.estimators._common import model_dtype
+
+    versions = {"python": platform.python_version()}
+    for dist in ("latentdiag", "torch", "numpy", "scipy", "scikit-learn", "pyro-ppl", "pandas"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {"versions": versions, "device": str(device), "model_device": str(model_device(model)),
+            "dtype": model_dtype(model), "seed": seed,
+            "platform": platform.platform(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "torch_threads": torch.get_num_threads()}
+
+
+def finite_problems(report: Report) -> list[str]:
+    """Names of estimates whose value or standard error is not finite (a runtime error for ``check``)."""
+    return [r.name for r in report.results if not (math.isfinite(r.value) and
+                                                  (math.isfinite(r.stderr) or np.isnan(r.stderr)))]
