@@ -299,6 +299,88 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
     _run(body)
 
 
+@cli.command()
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Check an existing report.json instead of computing one from CHECKPOINT.")
+@click.option("--fail-if", "fail_if", multiple=True, metavar="RULE",
+              help='Fail when the condition holds, e.g. "rate<2.0" or "iw_nll.bits_per_dim>0.3" (repeatable).')
+@click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+              help="A baseline report.json: fail on regressions beyond tolerance + z standard errors.")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="METRIC=ABS",
+              help="Allowed regression per metric, absolute, in its unit (repeatable).")
+@click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [2].")
+@click.option("--config", "config_dir", default=".", show_default=True, type=click.Path(),
+              help="Folder (or file) whose pyproject.toml [tool.latentdiag.check] holds default rules.")
+@click.option("--junit", default=None, type=click.Path(dir_okay=False), help="Write JUnit XML here.")
+@click.option("--nofail", is_flag=True, help="Report failed rules but exit 0 (errors keep their codes).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_model_options
+@_eval_options
+def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir, junit, nofail, fmt, factory,
+          trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples, seed, device, quiet, verbose,
+          no_progress):
+    """Gate CI on a model's health: rules and baseline regressions. Exit 0 ok, 1 a rule failed, 2 usage error,
+    3 runtime error (unloadable checkpoint, model error, non-finite metric), 4 nothing evaluated."""
+    import json
+
+    from latentdiag._io import atomic_write_text
+    from latentdiag.report import check as gate
+    from latentdiag.report.render import report_document
+
+    def body():
+        if (checkpoint is None) == (report_path is None):
+            raise click.UsageError("give either CHECKPOINT or --report REPORT.json (one of them).")
+        try:
+            config = gate.load_pyproject_rules(config_dir)
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
+            raise click.UsageError(f"--config: {err}") from err
+        rules = list(fail_if) or list(config.fail_if)
+        base_path = baseline or config.baseline
+        tol = dict(config.tolerances)
+        for item in tolerances:
+            name, sep, value = item.partition("=")
+            try:
+                tol[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise click.UsageError(f"--tolerance must be METRIC=NUMBER; got {item!r}.")
+        zz = z if z is not None else (config.z if config.z is not None else gate.DEFAULT_Z)
+        try:
+            parsed = [r if isinstance(r, gate.Rule) else gate.parse_rule(r) for r in rules]
+            base_doc = gate.load_report(base_path) if base_path else None
+            doc = gate.load_report(report_path) if report_path else None
+        except FileNotFoundError as err:
+            raise click.UsageError(str(err)) from err
+        except ValueError as err:
+            raise click.UsageError(str(err)) from err
+        if doc is None:
+            loaded = _load(checkpoint, factory, trust_checkpoint)
+            data, info = _data(loaded, data_spec, data_format, split, limit)
+            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+                            progress=_progress(no_progress, quiet), verbose=verbose, command="check")
+            doc = report_document(rep)
+        outcomes = gate.evaluate_rules(doc, parsed)
+        if base_doc is not None:
+            try:
+                outcomes += gate.compare_to_baseline(doc, base_doc, tolerances=tol, z=zz)
+            except ValueError as err:
+                raise click.UsageError(str(err)) from err
+        if fmt == "json":
+            click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, allow_nan=False))
+        elif outcomes:
+            click.echo(gate.render_outcomes_table(outcomes))
+        if junit:
+            atomic_write_text(junit, gate.render_junit(outcomes))
+        code = gate.exit_code(outcomes, nofail=nofail)
+        if code == EXIT_NOTHING and not quiet:
+            click.echo("nothing was evaluated: give --fail-if rules or a --baseline (or [tool.latentdiag.check] "
+                       "in pyproject.toml) that name metrics of the report", err=True)
+        return code
+    _run(body)
+
+
 @cli.command("metrics")
 def list_metrics():
     """List the metrics a report can run (default ones marked *)."""
