@@ -381,6 +381,32 @@ def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir,
     _run(body)
 
 
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--trust-checkpoint", is_flag=True,
+              help="List the contents of a file a weights-only load refuses by unpickling it (runs its code).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def inspect(checkpoint, trust_checkpoint, fmt):
+    """What CHECKPOINT holds (keys, shapes, dtypes, sha256, pickle globals and which are blocked), without
+    unpickling anything unsafe. Exit 3 when the file is unreadable or a weights-only load refuses it."""
+    import json
+
+    from latentdiag.adapters.inspect import inspect_checkpoint
+
+    def body():
+        try:
+            info = inspect_checkpoint(checkpoint, trusted=trust_checkpoint)
+        except (FileNotFoundError, ValueError) as err:
+            raise _Fail(EXIT_RUNTIME, str(err)) from err
+        click.echo(json.dumps(info.to_dict(), indent=2) if fmt == "json" else info.render())
+        if not info.loadable_weights_only and info.loaded_with is None:
+            blocked = ", ".join(info.blocked_globals) or info.refusal
+            raise _Fail(EXIT_RUNTIME, f"a weights-only load refuses {checkpoint!r} ({blocked}); nothing was "
+                                      "unpickled. Pass --trust-checkpoint only for files you trust.")
+        return EXIT_OK
+    _run(body)
+
+
 @cli.command("metrics")
 def list_metrics():
     """List the metrics a report can run (default ones marked *)."""

@@ -13,6 +13,7 @@ from latentdiag.adapters import (
     UnsafeCheckpointError,
     UnsupportedModelError,
     check_model,
+    inspect_checkpoint,
     load_checkpoint,
     load_factory,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "distortion",
     "elbo",
     "encode",
+    "inspect_checkpoint",
     "iw_nll",
     "ks_test",
     "load_checkpoint",

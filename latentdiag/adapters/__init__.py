@@ -1,6 +1,7 @@
 """The model protocol and the adapters that make other people's models speak it."""
 
 from latentdiag.adapters.check import ModelCheck, ModelProtocolError, check_model
+from latentdiag.adapters.inspect import CheckpointEntry, CheckpointInfo, inspect_checkpoint
 from latentdiag.adapters.loading import CheckpointReadError, UnsafeCheckpointError, load_checkpoint, load_factory
 from latentdiag.adapters.modules import LIKELIHOODS, ModuleVAE, from_modules
 from latentdiag.adapters.protocol import (
@@ -13,6 +14,9 @@ from latentdiag.adapters.protocol import (
 )
 
 __all__ = [
+    "CheckpointEntry",
+    "CheckpointInfo",
+    "inspect_checkpoint",
     "CheckpointReadError",
     "LIKELIHOODS",
     "LatentVariableModel",
