@@ -56,6 +56,7 @@ def per_dimension_plot(activity: Sequence[float], threshold: float, kl: Sequence
         ax.set_ylabel("E KL per dimension (nats)")
         ax.set_title(f"per-dimension KL, sorted ({int(active.sum())} of {len(activity)} active, blue)")
         ax.set_xlabel("dimension (sorted by KL)")
+        ax.set_xticks(np.arange(len(order)), [str(d) for d in order], fontsize=6 if len(order) > 16 else 8)
         ax = fig.add_subplot(1, panels, 2)
     ax.bar(np.arange(len(order)), np.maximum(activity[order], 1e-12), color=colours)
     ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")

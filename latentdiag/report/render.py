@@ -19,6 +19,11 @@ def _fmt(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.4f}"
 
 
+def _fmt_se(value: float) -> str:
+    """A standard error; "-" where none applies (counts, test statistics report NaN)."""
+    return "-" if math.isnan(value) else _fmt(value)
+
+
 def render_table(results: Sequence[Estimate]) -> str:
     """An aligned table: metric, value ± standard error, unit, n, and the flags and derived figures."""
     rows = [("metric", "value", "± stderr", "unit", "n", "notes")]
@@ -34,7 +39,7 @@ def render_table(results: Sequence[Estimate]) -> str:
         if "ess_median" in r.extra:
             derived.append(f"median ESS {r.extra['ess_median']:.1f} of k={r.settings.get('k')}")
         derived += list(r.flags)
-        rows.append((r.name, _fmt(r.value), _fmt(r.stderr), r.unit, str(r.n), "; ".join(derived)))
+        rows.append((r.name, _fmt(r.value), _fmt_se(r.stderr), r.unit, str(r.n), "; ".join(derived)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -110,7 +115,7 @@ def render_markdown(report: Any) -> str:
     """A Markdown table of the estimates, the skipped metrics and the key provenance."""
     lines = ["| metric | value | ± stderr | unit | n | notes |", "|---|---|---|---|---|---|"]
     for r in report.results:
-        lines.append(f"| {r.name} | {_fmt(r.value)} | {_fmt(r.stderr)} | {r.unit} | {r.n} | "
+        lines.append(f"| {r.name} | {_fmt(r.value)} | {_fmt_se(r.stderr)} | {r.unit} | {r.n} | "
                      f"{'; '.join(r.flags).replace('|', '/')} |")
     if report.skipped:
         lines += ["", "Skipped:", *[f"- `{k}`: {v}" for k, v in report.skipped.items()]]
@@ -164,9 +169,9 @@ def render_html(report: Any, *, plots: bool = True) -> str:
             "<table><tr><th>metric</th><th>value</th><th>± stderr</th><th>unit</th><th>n</th><th>flags</th>"
             "<th>estimator</th></tr>"]
     for r in report.results:
-        body.append(f"<tr><td>{esc(r.name)}</td><td>{_fmt(r.value)}</td><td>{_fmt(r.stderr)}</td>"
+        body.append(f"<tr><td>{esc(r.name)}</td><td>{_fmt(r.value)}</td><td>{_fmt_se(r.stderr)}</td>"
                     f"<td>{esc(r.unit)}</td><td>{r.n}</td><td>{esc('; '.join(r.flags))}</td>"
-                    f"<td title='{esc(r.estimator)}'>{esc(r.estimator[:60])}</td></tr>")
+                    f"<td class='est'>{esc(r.estimator)}</td></tr>")
     body.append("</table>")
     notes = [f"<li><b>{esc(r.name)}</b>: {esc(n)}</li>" for r in report.results for n in r.notes]
     if notes:
@@ -187,7 +192,7 @@ def render_html(report: Any, *, plots: bool = True) -> str:
     body.append("<h2>Provenance</h2><pre>" + esc(json.dumps(_plain(report.provenance), indent=2)) + "</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-weight:bold}")
+             "td.est{font-size:80%;color:#555}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-weight:bold}")
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>latentdiag report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
