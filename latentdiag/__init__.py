@@ -19,10 +19,12 @@ from latentdiag.adapters import (
 )
 from latentdiag.estimators import (
     AggregatePosterior,
+    DecodingDivergence,
     EncodedTable,
     NonFiniteEstimateError,
     active_units,
     aggregate_posterior,
+    decoding_divergence,
     distortion,
     elbo,
     encode,
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AggregatePosterior",
     "CheckpointReadError",
+    "DecodingDivergence",
     "EncodedTable",
     "Estimate",
     "LatentVariableModel",
@@ -55,6 +58,7 @@ __all__ = [
     "adapters",
     "aggregate_posterior",
     "check_model",
+    "decoding_divergence",
     "distortion",
     "elbo",
     "encode",

@@ -17,6 +17,7 @@ pixels in one of :data:`FORMATS` (``"float"``, ``"levels"``, ``"binary"``) or
 """
 
 from .bundled import BUNDLED, digits, load, mnist5k
+from .text import TextSplit, Vocabulary, from_sentences, read_text, synthetic_topics, synthetic_vocabulary, tokenize
 from .files import FORMATS, STOCHASTIC_FORMAT, DataSplit, read_cifar10, read_mnist
 
 __all__ = [
@@ -24,6 +25,13 @@ __all__ = [
     "FORMATS",
     "STOCHASTIC_FORMAT",
     "DataSplit",
+    "TextSplit",
+    "Vocabulary",
+    "from_sentences",
+    "read_text",
+    "synthetic_topics",
+    "synthetic_vocabulary",
+    "tokenize",
     "digits",
     "load",
     "mnist5k",

@@ -9,6 +9,7 @@ spec                 meaning
 ``cifar10:DIR``      CIFAR-10 python batches in DIR (:func:`latentdiag.data.read_cifar10`)
 ``tensor:FILE``      a ``.pt`` file holding a tensor x or a dict {"x": ..., "y": ...} (weights-only load)
 ``npz:FILE``         a ``.npz`` file with arrays ``x`` and optionally ``y``
+``topics``           the synthetic text corpus (:func:`latentdiag.data.synthetic_topics`; train 2,000 / test 500)
 ===================  ==============================================================================
 
 Further bundled names (e.g. a text corpus) register themselves with :func:`register_data`.
@@ -39,6 +40,22 @@ def register_data(name: str, loader: Callable[..., Any]) -> None:
     if name in BUNDLED or name in FILE_KINDS:
         raise ValueError(f"data name {name!r} is taken by a built-in loader.")
     _EXTRA[name] = loader
+
+
+def _topics(split: str, **options: Any) -> Any:
+    """The synthetic topic corpus: 2,000 training and 500 test sentences (fixed seeds 0 and 1)."""
+    from latentdiag.data.text import synthetic_topics
+
+    if options:
+        raise ValueError(f"the text corpus takes no pixel format; got {sorted(options)}.")
+    sizes = {"train": (2000, 0), "test": (500, 1)}
+    if split not in sizes:
+        raise ValueError(f"split of 'topics' must be 'train' or 'test'; got {split!r}.")
+    n, seed = sizes[split]
+    return synthetic_topics(n, seed=seed)
+
+
+_EXTRA["topics"] = _topics
 
 
 def data_names() -> list[str]:

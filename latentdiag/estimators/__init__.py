@@ -8,6 +8,7 @@ from latentdiag.estimators.aggregate import (
     minibatch_mutual_information,
     per_dimension_kl,
 )
+from latentdiag.estimators.decoding import DecodingDivergence, PositionProfile, decoding_divergence, js_divergence
 from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
 from latentdiag.estimators.two_sample import ks_test, mmd_aggregate_vs_prior, mmd_test
@@ -15,14 +16,18 @@ from latentdiag.estimators.two_sample import ks_test, mmd_aggregate_vs_prior, mm
 __all__ = [
     "LOW_ESS_FRACTION",
     "AggregatePosterior",
+    "DecodingDivergence",
+    "PositionProfile",
     "EncodedTable",
     "NonFiniteEstimateError",
     "active_units",
     "aggregate_posterior",
+    "decoding_divergence",
     "distortion",
     "elbo",
     "encode",
     "iw_nll",
+    "js_divergence",
     "ks_test",
     "minibatch_mutual_information",
     "mmd_aggregate_vs_prior",

@@ -8,8 +8,9 @@ from latentdiag.models.checkpoint import (
     save_checkpoint,
 )
 from latentdiag.models.mlp import GaussianMLPEncoder, MLPDecoder, mlp_vae
+from latentdiag.models.transformer_vae import TransformerVAE, transformer_vae
 from latentdiag.models.registry import build_model, model_config, register_model, registered_models
 
 __all__ = ["GaussianMLPEncoder", "MLPDecoder", "ReferenceCheckpoint", "build_model", "is_reference_checkpoint",
            "load_reference_checkpoint", "mlp_vae", "model_config", "register_model", "registered_models",
-           "save_checkpoint"]
+           "save_checkpoint", "TransformerVAE", "transformer_vae"]

@@ -140,8 +140,12 @@ def report_figures(report: Any) -> dict[str, Any]:
         figs["Per-dimension KL and active units"] = plots.per_dimension_plot(
             p["activity"], p["active_threshold"], p.get("kl_per_dimension"))
     for key, title, fn in _EXTRA_FIGURES:
-        if key in p:
-            figs[title] = fn(p[key])
+        source = report.artifacts.get(key, p.get(key))
+        if source is not None:
+            try:
+                figs[title] = fn(source)
+            except ValueError:  # e.g. a pixel map of sequence positions: that figure does not apply
+                continue
     if "histograms" in p:
         figs["Aggregate posterior vs prior"] = plots.histograms_plot(p["histograms"])
     if "iw_curve" in p:
@@ -149,12 +153,26 @@ def report_figures(report: Any) -> dict[str, Any]:
     return figs
 
 
-# (plot-data key, title, function) for figures of estimators that register themselves
-_EXTRA_FIGURES: list[tuple[str, str, Any]] = []
+def _decoding_relative(result: Any) -> Any:
+    from latentdiag.plots.decoding import plot_relative_position
+    return plot_relative_position(result)
+
+
+def _decoding_map(result: Any) -> Any:
+    from latentdiag.plots.decoding import plot_position_map
+    return plot_position_map(result)
+
+
+# (artifact or plot-data key, title, function) for figures of further estimators
+_EXTRA_FIGURES: list[tuple[str, str, Any]] = [
+    ("decoding", "Decoding divergence over relative position (prior vs posterior codes)", _decoding_relative),
+    ("decoding", "Decoding divergence per pixel (JS)", _decoding_map),
+]
 
 
 def register_figure(key: str, title: str, fn: Any) -> None:
-    """Draw ``fn(report.plots[key])`` in the HTML report whenever a metric stored plot data under ``key``."""
+    """Draw ``fn(report.artifacts[key])`` (else ``fn(report.plots[key])``) in the HTML report whenever a metric
+    stored a result or plot data under ``key``; a ``ValueError`` from ``fn`` leaves the figure out."""
     _EXTRA_FIGURES.append((key, title, fn))
 
 

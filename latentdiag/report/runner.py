@@ -32,8 +32,8 @@ class _Context:
     device: Any
     progress: bool
     iw_samples: int
-    train_data: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def common(self) -> dict[str, Any]:
@@ -144,6 +144,18 @@ def _histograms(ctx):
                                "prior_density": None if log_p is None else log_p[:, top].exp().T.tolist()}}
 
 
+def _decoding(ctx):
+    """Prior-vs-posterior decoding divergence; the result object goes to the figures, its profiles to JSON."""
+    from latentdiag.estimators import decoding_divergence
+
+    res = decoding_divergence(ctx.model, ctx.data, seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+    rel = {k: {"mean": v.mean.tolist(), "stderr": v.stderr.tolist()} for k, v in res.by_relative_position.items()}
+    plots = {"decoding": {"positions": list(res.positions), "bin_edges": res.bin_edges.tolist(),
+                          "by_relative_position": rel}}
+    ctx.artifacts["decoding"] = res
+    return [res.js, res.accuracy_drop, res.mode_shift], plots
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("rate", "E KL(q(z|x) || p(z))", _rate),
     Metric("distortion", "-E E_q log p(x|z)", _distortion),
@@ -155,6 +167,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks),
     Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd),
     Metric("histograms", "aggregate-posterior histograms against the prior (plot)", _histograms),
+    Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
+           _decoding, needs=("decoder_logits",)),
 ]}
 
 
@@ -198,13 +212,16 @@ def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
 
 @dataclass(frozen=True)
 class Report:
-    """Everything a report shows: estimates, the metrics skipped and why, plot data, timings, provenance."""
+    """Everything a report shows: estimates, the metrics skipped and why, plot data (plain values, saved in
+    report.json), timings, provenance, and ``artifacts``: estimator result objects that figures draw from (not
+    serialised)."""
 
     results: list[Estimate]
     skipped: dict[str, str]
     plots: dict[str, Any]
     timings: dict[str, float]
     provenance: dict[str, Any]
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def result(self, name: str) -> Estimate | None:
         """The estimate called ``name``, or None."""
@@ -262,7 +279,8 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     prov = provenance(model, ctx.device, seed)
     prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed}
     prov.update(provenance_extra or {})
-    return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov)
+    return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov,
+                  artifacts=ctx.artifacts)
 
 
 def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:

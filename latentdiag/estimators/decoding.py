@@ -1,0 +1,490 @@
+"""Prior-vs-posterior decoding: does the decoder use the code, and where?
+
+Rate says that information is sent; it does not say that the decoder reads it, nor at which positions. Following
+Pelsmaeker & Aziz (2019, "Effective Estimation of Deep Generative Language Models") and the TransformerVAE thesis
+(Sec. 4.3, Figures 4.10-4.12), each datapoint is decoded, teacher-forced on itself, with R codes z ~ q(z|x) and R
+codes z ~ p(z), and the decoder's per-position output distributions are compared: by Jensen-Shannon divergence
+(full distributions) and by accuracy drop (how often the argmax is the data), net of the spread among the
+posterior repeats so that sampling noise is not read as use of the code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdiag._batching import DataLike, iter_batches
+from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
+from latentdiag._validation import check_int
+from latentdiag.adapters.protocol import require_capability
+from latentdiag.estimators._common import (
+    NonFiniteEstimateError,
+    check_model_arg,
+    encode_checked,
+    mean_and_stderr,
+    model_dtype,
+)
+from latentdiag.results import Estimate
+
+__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "js_divergence", "METRICS"]
+
+_LN2 = math.log(2.0)
+
+#: The per-position metrics of :func:`decoding_divergence`, in the order of its result.
+METRICS: tuple[str, ...] = ("js", "accuracy_drop", "mode_shift")
+
+
+def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Jensen-Shannon divergence between categorical distributions given by normalised log-probabilities, in nats.
+
+    JS(P, Q) = 1/2 KL(P || M) + 1/2 KL(Q || M), M = (P + Q) / 2, with log M = logaddexp(log P, log Q) - ln 2 and
+    the convention 0 log 0 = 0 (so outcomes that both give probability 0, e.g. logits of -inf, are fine).
+    Computed in float64 from the log-probabilities (no subtraction of entropies), and clamped to [0, ln 2]
+    against rounding. JS = 0 iff P = Q; JS = ln 2 iff P and Q have disjoint supports.
+    """
+    log_p, log_q = log_p.to(torch.float64), log_q.to(torch.float64)
+    log_m = torch.where(log_p == log_q, log_p, torch.logaddexp(log_p, log_q) - _LN2)  # exactly 0 when P = Q
+    p, q = log_p.exp(), log_q.exp()
+    zero = torch.zeros((), dtype=torch.float64, device=log_p.device)
+    kl_pm = torch.where(p > 0, p * (log_p - log_m), zero).sum(dim)
+    kl_qm = torch.where(q > 0, q * (log_q - log_m), zero).sum(dim)
+    return (0.5 * (kl_pm + kl_qm)).clamp(0.0, _LN2)
+
+
+@dataclass(frozen=True, eq=False)
+class PositionProfile:
+    """One metric at each position (or relative-position bin): the mean over the datapoints that have it, the
+    standard error of that mean (std(ddof=1) / sqrt(count); NaN with fewer than 2) and the count."""
+
+    mean: np.ndarray
+    stderr: np.ndarray
+    count: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class DecodingDivergence:
+    """Result of :func:`decoding_divergence`.
+
+    Attributes
+    ----------
+    js, accuracy_drop, mode_shift : Estimate
+        Means over datapoints of each datapoint's mean over its (non-padding) positions, with standard errors.
+        ``extra`` holds the uncorrected parts and the token-weighted means (see :func:`decoding_divergence`).
+    positions : tuple of int
+        The shape of one datapoint's positions: (T,) for text, e.g. (1, 28, 28) for images.
+    by_position : dict of str -> PositionProfile
+        Each metric at each position (arrays of shape ``positions``); averaged over the datapoints for which the
+        position is not padding. For images this is the per-pixel map.
+    by_relative_position : dict of str -> PositionProfile
+        Each metric in ``len(bin_edges) - 1`` bins of relative position (see :func:`decoding_divergence`).
+    bin_edges : numpy.ndarray
+        Edges of the relative-position bins in [0, 1].
+    per_position : dict of str -> numpy.ndarray
+        Each metric per datapoint and position, (N, *positions), NaN where the position does not count.
+    mask : numpy.ndarray
+        (N, *positions) bool: the positions that count (not padding).
+    settings : dict
+        Effective options.
+    """
+
+    js: Estimate
+    accuracy_drop: Estimate
+    mode_shift: Estimate
+    positions: tuple[int, ...]
+    by_position: dict[str, PositionProfile] = field(repr=False)
+    by_relative_position: dict[str, PositionProfile] = field(repr=False)
+    bin_edges: np.ndarray = field(repr=False)
+    per_position: dict[str, np.ndarray] = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_image(self) -> bool:
+        """Whether positions have a spatial shape (two or more position dimensions), so a map makes sense."""
+        return len(self.positions) >= 2
+
+    def results(self) -> list[Estimate]:
+        """The three estimates as a list."""
+        return [self.js, self.accuracy_drop, self.mode_shift]
+
+    def to_frame(self):
+        """One DataFrame row per estimate (``latentdiag.results_frame``)."""
+        from latentdiag.results import results_frame
+
+        return results_frame(self.results())
+
+    def relative_position_frame(self):
+        """A DataFrame with one row per relative-position bin: ``bin, start, end, center`` and, per metric,
+        ``<metric>``, ``<metric>_stderr``, ``<metric>_datapoints``."""
+        import pandas as pd
+
+        edges = self.bin_edges
+        columns: dict[str, Any] = {"bin": np.arange(edges.size - 1), "start": edges[:-1], "end": edges[1:],
+                                   "center": 0.5 * (edges[:-1] + edges[1:])}
+        for name, prof in self.by_relative_position.items():
+            columns[name], columns[f"{name}_stderr"], columns[f"{name}_datapoints"] = prof.mean, prof.stderr, \
+                prof.count
+        return pd.DataFrame(columns)
+
+    def position_frame(self):
+        """A DataFrame with one row per position: its index along each position dimension (``pos0, pos1, ...``)
+        and, per metric, ``<metric>``, ``<metric>_stderr``, ``<metric>_datapoints``."""
+        import pandas as pd
+
+        index = np.indices(self.positions).reshape(len(self.positions), -1)
+        columns: dict[str, Any] = {f"pos{i}": index[i] for i in range(len(self.positions))}
+        for name, prof in self.by_position.items():
+            columns[name], columns[f"{name}_stderr"], columns[f"{name}_datapoints"] = prof.mean.reshape(-1), \
+                prof.stderr.reshape(-1), prof.count.reshape(-1)
+        return pd.DataFrame(columns)
+
+
+def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: int | None = 0, batch_size: int = 32,
+                        device: Any = None, position_bins: int = 10, pad_index: int | str | None = "auto",
+                        mask: torch.Tensor | np.ndarray | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        progress: bool = False) -> DecodingDivergence:
+    """Compare the decoder's per-position output distributions with posterior and with prior codes.
+
+    For datapoint x (positions t, teacher-forced on x) draw R codes z^q_r ~ q(z|x) and R codes z^p_r ~ p(z)
+    (r = 1..R, ``repeats``), and let P^q_r(t) = p(x_t | x_<t, z^q_r) and P^p_r(t) be the decoder's categorical
+    distributions at t (softmax of ``model.decoder_logits``), a_r(t) = argmax of a distribution, and x_t the data.
+
+    **Jensen-Shannon divergence, net of the posterior's own spread** (thesis Sec. 4.3: "we subtract the amount
+    of internal variability within the 5 posterior experiments from the variability between the two sets")::
+
+        JS_between(t) = 1/R^2            sum_{r, r'}   JS(P^q_r(t), P^p_{r'}(t))
+        JS_within(t)  = 2/(R (R - 1))    sum_{r < r'}  JS(P^q_r(t), P^q_{r'}(t))
+        JS(t)         = JS_between(t) - JS_within(t)
+
+    **Accuracy drop** (Pelsmaeker & Aziz 2019)::
+
+        acc_q(t) = 1/R sum_r 1[a(P^q_r(t)) = x_t],   acc_p(t) likewise with prior codes
+        accuracy_drop(t) = acc_q(t) - acc_p(t)
+
+    The same correction applied to this signed difference subtracts the within-posterior mean pairwise
+    difference 1/(R (R - 1)) sum_{r != r'} (1[a(P^q_r) = x_t] - 1[a(P^q_{r'}) = x_t]), which is identically 0:
+    a signed mean difference is already unbiased (0 in expectation when the code carries nothing about x), so the
+    accuracy drop needs no correction, and its noise is in its standard error. The symmetric mode-level
+    counterpart of the JS correction is reported as **mode shift**::
+
+        mode_shift(t) = 1/R^2 sum_{r, r'} 1[a(P^q_r) != a(P^p_{r'})]
+                        - 2/(R (R - 1)) sum_{r < r'} 1[a(P^q_r) != a(P^q_{r'})]
+
+    Why the correction: if q(z|x) = p(z) (a collapsed posterior) every pair of codes is i.i.d., so
+    E[JS_between] = E[JS_within] and E[JS(t)] = 0 exactly, even when the decoder is sensitive to z; a decoder
+    that ignores z gives JS_between = JS_within = 0. A positive net value means posterior codes move the output
+    more than the posterior's own noise does: the decoder uses what q(z|x) says about x, or prior codes land
+    where the decoder saw no codes (an aggregate posterior far from the prior, i.e. a large marginal KL; read
+    it next to :func:`latentdiag.aggregate_posterior`). Single datapoints or positions can be negative (noise);
+    JS of each pair lies in [0, ln 2].
+
+    **Aggregation.** Padding positions never contribute. A datapoint's value is the mean over its L_n counted
+    positions; ``value`` is the mean over datapoints, ``stderr`` std(ddof=1)/sqrt(n) over datapoints (it
+    includes the Monte Carlo noise, draws being independent across datapoints). ``extra["token_mean"]`` is the
+    token-weighted mean sum_n sum_t v / sum_n L_n with a delta-method standard error. ``by_position`` averages
+    each position over the datapoints where it counts (for images: the per-pixel map). ``by_relative_position``
+    bins the relative position u = k / (L_n - 1) of the k-th counted position (k = 0..L_n-1; u = 0 when L_n = 1)
+    of datapoint n into ``position_bins`` equal bins of [0, 1], u = 1 going to the last bin (so the first token
+    is always in the first bin and the last one, e.g. ``<eos>``, in the last): per datapoint the mean over its
+    positions in the bin, then mean and standard error over the datapoints that have any (thesis Figures
+    4.11-4.12); short sequences leave some bins empty. For positions with a spatial shape the relative position
+    follows raster order; read the map instead.
+
+    Parameters
+    ----------
+    model : LatentVariableModel with ``decoder_logits``
+        ``decoder_logits(x, z)`` with z (S, B, D) must return (S, B, *positions, V) with ``positions ==
+        x.shape[1:]`` (position t predicts x at t). A model without it raises ``TypeError`` naming the capability.
+    data : tensor, (x, y), DataSplit / TextSplit, Dataset, DataLoader or iterable of batches
+        x must hold class indices (integer, or integer-valued floats such as binary pixels) in 0..V-1 at every
+        counted position.
+    repeats : int
+        R >= 2, codes of each kind per datapoint (the thesis uses 5).
+    seed : int or None
+        Seeds the codes (the caller's random state is restored after).
+    batch_size : int
+        Datapoints per decoder call (the call decodes 2 R x B codes; memory about 2 R B |positions| V x 12 bytes).
+    device : str or torch.device, optional
+        As for every estimator; default the model's device.
+    position_bins : int
+        Number of relative-position bins.
+    pad_index : int, None or "auto"
+        Positions where x equals ``pad_index`` do not count. ``"auto"`` (default): the model's ``pad_index``
+        attribute when it has an int one (the TransformerVAE does), else no padding. None: no padding.
+    mask : tensor (N, *positions) of bool, or callable x -> (B, *positions) bool, optional
+        Positions that count (True), aligned with the data order; combined with ``pad_index`` by AND.
+    progress : bool
+        A progress bar on stderr.
+
+    Returns
+    -------
+    DecodingDivergence
+    """
+    check_model_arg(model)
+    require_capability(model, "decoder_logits", needed_by="decoding_divergence")
+    repeats = check_int("repeats", repeats, minimum=2)
+    batch_size = check_int("batch_size", batch_size)
+    position_bins = check_int("position_bins", position_bins)
+    if seed is not None:
+        seed = check_int("seed", seed, minimum=0)
+    pad, pad_rule = _resolve_pad_index(model, pad_index)
+    if mask is not None and not (callable(mask) or isinstance(mask, (torch.Tensor, np.ndarray))):
+        raise TypeError(f"mask must be None, a bool tensor (N, *positions) or a callable x -> mask; got "
+                        f"{type(mask).__name__}.")
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    run_device = resolve_device(device, model)
+    if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
+        raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "
+                         "model first (model.to(device)) or leave device=None to use the model's device.")
+
+    parts: list[dict[str, torch.Tensor]] = []
+    offset = 0
+    from tqdm.auto import tqdm
+
+    with evaluation(model), seeded(seed, run_device):
+        batches = iter_batches(data, batch_size=batch_size, device=run_device)
+        for batch in tqdm(batches, desc="decoding_divergence", unit="batch", disable=not progress, leave=False):
+            x = batch.x
+            valid = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+            if pad is not None:
+                valid &= x != pad
+            if mask is not None:
+                valid &= _batch_mask(mask, x, offset)
+            parts.append(_batch_metrics(model, x, valid, repeats))
+            offset += x.shape[0]
+
+    positions, cols = _assemble(parts)
+    mask_np = cols.pop("mask")
+    counted = mask_np.reshape(mask_np.shape[0], -1)
+    lengths = counted.sum(1)
+    if not lengths.any():
+        raise ValueError("no position counts: every position of every datapoint is padding or masked out.")
+    keep = lengths > 0
+
+    run = {"device": str(run_device), "dtype": model_dtype(model)}
+    settings = {"repeats": repeats, "seed": seed, "batch_size": batch_size, "position_bins": position_bins,
+                "padding": pad_rule if mask is None else f"{pad_rule} and mask", **run}
+    dropped = int((~keep).sum())
+    common_notes = (f"{dropped} datapoint(s) without any counted position were left out",) if dropped else ()
+
+    estimates = {}
+    flat = {name: cols[name].reshape(cols[name].shape[0], -1) for name in METRICS}
+    for name in METRICS:
+        per_dp = np.full(lengths.shape, np.nan)
+        per_dp[keep] = np.nansum(np.where(counted, flat[name], 0.0), axis=1)[keep] / lengths[keep]
+        value, stderr = mean_and_stderr(per_dp[keep])
+        extra = _token_mean(flat[name], counted, keep)
+        for part in _PARTS[name]:
+            extra[part], extra[f"{part}_stderr"] = mean_and_stderr(cols[part][keep])
+        extra["positions_per_datapoint"] = float(lengths[keep].mean())
+        estimates[name] = Estimate(
+            name=f"decoding_{name}", value=value,
+            stderr=stderr, n=int(keep.sum()), unit=_UNITS[name], estimator=_HOW[name].format(R=repeats),
+            settings=settings, notes=_NOTES[name] + common_notes, flags=("monte_carlo",), extra=extra,
+            per_datapoint=per_dp)
+
+    by_position = {name: _profile_over_datapoints(flat[name], counted, positions) for name in METRICS}
+    edges = np.linspace(0.0, 1.0, position_bins + 1)
+    rank = np.cumsum(counted, axis=1) - 1
+    rel = rank / np.maximum(lengths - 1, 1)[:, None]
+    bins = np.clip(np.floor(rel * position_bins).astype(np.int64), 0, position_bins - 1)
+    by_rel = {name: _binned_profile(flat[name], counted, bins, position_bins) for name in METRICS}
+    per_position = {name: np.where(mask_np, cols[name], np.nan) for name in METRICS}
+    profiles = (*by_position.values(), *by_rel.values())
+    for array in (edges, mask_np, *per_position.values(),
+                  *(a for prof in profiles for a in (prof.mean, prof.stderr, prof.count))):
+        array.setflags(write=False)
+    return DecodingDivergence(js=estimates["js"], accuracy_drop=estimates["accuracy_drop"],
+                              mode_shift=estimates["mode_shift"], positions=positions, by_position=by_position,
+                              by_relative_position=by_rel, bin_edges=edges, per_position=per_position,
+                              mask=mask_np, settings=settings)
+
+
+# -- per batch ------------------------------------------------------------------------------------------------
+
+_PARTS = {"js": ("js_between", "js_within"), "accuracy_drop": ("accuracy_posterior", "accuracy_prior"),
+          "mode_shift": ("disagreement_between", "disagreement_within")}
+_UNITS = {"js": "nats", "accuracy_drop": "fraction", "mode_shift": "fraction"}
+_HOW = {
+    "js": "Jensen-Shannon divergence between teacher-forced decoder distributions with {R} posterior and {R} prior "
+          "codes (all R^2 pairs) minus the mean over the R(R-1)/2 posterior pairs, per position, averaged over "
+          "positions and data",
+    "accuracy_drop": "argmax accuracy with {R} posterior codes minus with {R} prior codes, per position, averaged "
+                     "over positions and data",
+    "mode_shift": "argmax disagreement between {R} posterior and {R} prior codes minus among the posterior codes, "
+                  "per position, averaged over positions and data",
+}
+_NOTES = {
+    "js": ("net of the spread among posterior codes: about 0 when the decoder ignores z or q(z|x) is no more "
+           "informative than p(z); single datapoints or positions can be negative",
+           "prior codes far from the aggregate posterior (a large marginal KL) also raise it: read it next to the "
+           "mutual information and marginal KL"),
+    "accuracy_drop": ("posterior-code accuracy minus prior-code accuracy; a signed difference, unbiased without "
+                      "correction (the within-posterior correction is identically 0)",),
+    "mode_shift": ("net of the argmax disagreement among posterior codes",),
+}
+
+
+def _resolve_pad_index(model: Any, pad_index: Any) -> tuple[int | None, str]:
+    if isinstance(pad_index, str):
+        if pad_index != "auto":
+            raise ValueError(f"pad_index must be an int, None or 'auto'; got {pad_index!r}.")
+        found = getattr(model, "pad_index", None)
+        if isinstance(found, int) and not isinstance(found, bool):
+            return found, f"pad_index={found} (the model's)"
+        return None, "none"
+    if pad_index is None:
+        return None, "none"
+    pad_index = check_int("pad_index", pad_index, minimum=0)
+    return pad_index, f"pad_index={pad_index}"
+
+
+def _batch_mask(mask: Any, x: torch.Tensor, offset: int) -> torch.Tensor:
+    if callable(mask):
+        out = mask(x)
+        what = "mask(x)"
+    else:
+        out = mask[offset:offset + x.shape[0]]
+        what = f"mask[{offset}:{offset + x.shape[0]}]"
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what} must be a bool tensor of the batch's shape {tuple(x.shape)} (one entry per "
+                         f"position of each datapoint); got {got}.")
+    return out.to(device=x.device, dtype=torch.bool)
+
+
+def _batch_metrics(model: Any, x: torch.Tensor, valid: torch.Tensor, repeats: int) -> dict[str, torch.Tensor]:
+    """Per-position metrics (B, *positions) and per-datapoint parts (B,) of one batch."""
+    if x.is_floating_point() and not bool((x == torch.round(x)).all()):
+        raise ValueError("decoding_divergence needs x of class indices (integers, e.g. token ids, grey levels or "
+                         "binary pixels); got non-integer values.")
+    q, p = encode_checked(model, x)
+    batch = x.shape[0]
+    z_q = q.sample((repeats,))
+    z_p = p.sample((repeats, batch)).to(z_q.dtype)
+    if tuple(z_p.shape) != tuple(z_q.shape):
+        raise ValueError(f"prior().sample((R, B)) gave shape {tuple(z_p.shape)}; expected {tuple(z_q.shape)} like "
+                         "encode(x).sample((R,)) (the prior must have batch_shape ()).")
+    logits = model.decoder_logits(x, torch.cat([z_q, z_p], dim=0))
+    codes = 2 * repeats
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 3 or tuple(logits.shape[:2]) != (codes, batch):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model.decoder_logits(x, z) must return (S, B, *positions, V) = ({codes}, {batch}, ..., V) "
+                         f"for z of shape {(codes, batch, z_q.shape[-1])}; got {got}. Run "
+                         "latentdiag.check_model(model, x) for details.")
+    positions = tuple(logits.shape[2:-1])
+    if positions != tuple(x.shape[1:]):
+        raise ValueError(f"decoding_divergence needs one decoder distribution per element of x (position t predicts "
+                         f"x at t): decoder_logits gave positions {positions} for x of shape {tuple(x.shape)}.")
+    vocab = logits.shape[-1]
+    target = _targets(x, vocab, valid)
+    log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1).reshape(codes, batch, -1, vocab)
+    flat_valid = valid.reshape(batch, -1)
+    bad = ~torch.isfinite(log_probs).all(-1) & flat_valid
+    if bad.any():
+        raise NonFiniteEstimateError(f"decoding_divergence: decoder_logits gave NaN (or rows of -inf) at "
+                                     f"{int(bad.any(0).sum())} datapoint-position(s) that count; check the model "
+                                     "(latentdiag.check_model can help).")
+    post, prior = log_probs[:repeats], log_probs[repeats:]
+    js_between = torch.zeros(batch, flat_valid.shape[1], dtype=torch.float64, device=x.device)
+    js_within = torch.zeros_like(js_between)
+    for r in range(repeats):
+        for s in range(repeats):
+            js_between += js_divergence(post[r], prior[s])
+        for s in range(r + 1, repeats):
+            js_within += js_divergence(post[r], post[s])
+    js_between /= repeats ** 2
+    js_within /= repeats * (repeats - 1) / 2
+
+    modes = log_probs.argmax(-1)  # (2R, B, L)
+    hits = (modes == target.reshape(1, batch, -1)).to(torch.float64)
+    acc_q, acc_p = hits[:repeats].mean(0), hits[repeats:].mean(0)
+    mq, mp = modes[:repeats], modes[repeats:]
+    dis_between = (mq[:, None] != mp[None, :]).to(torch.float64).mean((0, 1))
+    pairs = torch.triu_indices(repeats, repeats, offset=1, device=x.device)
+    dis_within = (mq[pairs[0]] != mq[pairs[1]]).to(torch.float64).mean(0)
+
+    lengths = flat_valid.sum(1).clamp(min=1).to(torch.float64)
+
+    def per_datapoint(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(flat_valid, values, 0.0).sum(1) / lengths
+
+    out = {"js": js_between - js_within, "accuracy_drop": acc_q - acc_p, "mode_shift": dis_between - dis_within}
+    out = {k: v.reshape(x.shape).cpu() for k, v in out.items()}
+    out["mask"] = valid.cpu()
+    for name, values in (("js_between", js_between), ("js_within", js_within), ("accuracy_posterior", acc_q),
+                         ("accuracy_prior", acc_p), ("disagreement_between", dis_between),
+                         ("disagreement_within", dis_within)):
+        out[name] = per_datapoint(values).cpu()
+    return out
+
+
+def _targets(x: torch.Tensor, vocab: int, valid: torch.Tensor) -> torch.Tensor:
+    target = x.long()
+    counted = target[valid]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+        raise ValueError(f"x must hold class indices in 0..{vocab - 1} (V = {vocab} from decoder_logits) at every "
+                         f"counted position; got values in [{int(counted.min())}, {int(counted.max())}].")
+    return target
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------
+
+def _assemble(parts: list[dict[str, torch.Tensor]]) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
+    """Concatenate batches; 1-D positions of different lengths are right-padded (not counted)."""
+    shapes = {tuple(part["mask"].shape[1:]) for part in parts}
+    if len(shapes) > 1:
+        if any(len(s) != 1 for s in shapes):
+            raise ValueError(f"batches have different position shapes {sorted(shapes)}; only 1-D sequences may "
+                             "differ in length between batches.")
+        longest = max(s[0] for s in shapes)
+        for part in parts:
+            extra = longest - part["mask"].shape[1]
+            if extra:
+                for key in ("mask", *METRICS):
+                    part[key] = torch.nn.functional.pad(part[key], (0, extra), value=0)
+    positions = tuple(parts[0]["mask"].shape[1:])
+    cols = {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
+    return positions, cols
+
+
+def _token_mean(values: np.ndarray, counted: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+    """Token-weighted mean r = sum a_n / sum L_n and its delta-method standard error over datapoints."""
+    a = np.where(counted, values, 0.0).sum(1)[keep]
+    b = counted.sum(1)[keep].astype(np.float64)
+    n = a.size
+    ratio = float(a.sum() / b.sum())
+    se = float(np.sqrt(((a - ratio * b) ** 2).sum() / (n * (n - 1))) / b.mean()) if n > 1 else float("nan")
+    return {"token_mean": ratio, "token_mean_stderr": se}
+
+
+def _profile_over_datapoints(values: np.ndarray, counted: np.ndarray, positions: tuple[int, ...]) -> PositionProfile:
+    """Mean, standard error (two-pass variance) and count over datapoints at every position."""
+    count = counted.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.where(counted, values, 0.0).sum(0) / np.maximum(count, 1), np.nan)
+        centred = np.where(counted, values - np.nan_to_num(mean)[None, :], 0.0)
+        var = np.where(count > 1, (centred ** 2).sum(0) / np.maximum(count - 1, 1), np.nan)
+        stderr = np.sqrt(var / np.maximum(count, 1))
+    return PositionProfile(mean=mean.reshape(positions), stderr=stderr.reshape(positions),
+                           count=count.reshape(positions).astype(np.int64))
+
+
+def _binned_profile(values: np.ndarray, counted: np.ndarray, bins: np.ndarray, n_bins: int) -> PositionProfile:
+    means, errs, counts = np.full(n_bins, np.nan), np.full(n_bins, np.nan), np.zeros(n_bins, dtype=np.int64)
+    for k in range(n_bins):
+        sel = counted & (bins == k)
+        per = sel.sum(1)
+        has = per > 0
+        counts[k] = int(has.sum())
+        if not has.any():
+            continue
+        dp = np.where(sel, values, 0.0).sum(1)[has] / per[has]
+        means[k], errs[k] = mean_and_stderr(dp)
+    return PositionProfile(mean=means, stderr=errs, count=counts)
