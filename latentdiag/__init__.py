@@ -18,6 +18,18 @@ from latentdiag.adapters import (
     load_factory,
 )
 from latentdiag.estimators import (
+    IntrinsicDimension,
+    ProbeResult,
+    Representations,
+    SampleEfficiency,
+    conditional_entropy,
+    extract_representations,
+    format_representation_table,
+    intrinsic_dimension,
+    linear_probe,
+    nonlinear_probe,
+    representation_table,
+    sample_efficiency,
     AggregatePosterior,
     DecodingDivergence,
     EncodedTable,
@@ -41,6 +53,18 @@ from latentdiag.results import Estimate, results_frame
 __version__ = "0.1.0"
 
 __all__ = [
+    "IntrinsicDimension",
+    "ProbeResult",
+    "Representations",
+    "SampleEfficiency",
+    "conditional_entropy",
+    "extract_representations",
+    "format_representation_table",
+    "intrinsic_dimension",
+    "linear_probe",
+    "nonlinear_probe",
+    "representation_table",
+    "sample_efficiency",
     "AggregatePosterior",
     "CheckpointReadError",
     "DecodingDivergence",

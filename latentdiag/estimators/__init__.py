@@ -11,9 +11,31 @@ from latentdiag.estimators.aggregate import (
 from latentdiag.estimators.decoding import DecodingDivergence, PositionProfile, decoding_divergence, js_divergence
 from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
+from latentdiag.estimators.probes import ProbeResult, SampleEfficiency, linear_probe, nonlinear_probe, sample_efficiency
+from latentdiag.estimators.representation import (
+    IntrinsicDimension,
+    Representations,
+    conditional_entropy,
+    extract_representations,
+    format_representation_table,
+    intrinsic_dimension,
+    representation_table,
+)
 from latentdiag.estimators.two_sample import ks_test, mmd_aggregate_vs_prior, mmd_test
 
 __all__ = [
+    "IntrinsicDimension",
+    "ProbeResult",
+    "Representations",
+    "SampleEfficiency",
+    "conditional_entropy",
+    "extract_representations",
+    "format_representation_table",
+    "intrinsic_dimension",
+    "linear_probe",
+    "nonlinear_probe",
+    "representation_table",
+    "sample_efficiency",
     "LOW_ESS_FRACTION",
     "AggregatePosterior",
     "DecodingDivergence",

@@ -163,8 +163,14 @@ def _decoding_map(result: Any) -> Any:
     return plot_position_map(result)
 
 
+def _eigenspectrum(result: Any) -> Any:
+    from latentdiag.plots.representation import plot_eigenspectrum
+    return plot_eigenspectrum(result)
+
+
 # (artifact or plot-data key, title, function) for figures of further estimators
 _EXTRA_FIGURES: list[tuple[str, str, Any]] = [
+    ("intrinsic_dimension", "PCA eigen-spectrum of the posterior means", _eigenspectrum),
     ("decoding", "Decoding divergence over relative position (prior vs posterior codes)", _decoding_relative),
     ("decoding", "Decoding divergence per pixel (JS)", _decoding_map),
 ]

@@ -7,6 +7,7 @@ refuses the model) is skipped with the reason, not failed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import platform
@@ -156,6 +157,39 @@ def _decoding(ctx):
     return [res.js, res.accuracy_drop, res.mode_shift], plots
 
 
+def _intrinsic_dimension(ctx):
+    from latentdiag.estimators import extract_representations, intrinsic_dimension
+
+    res = intrinsic_dimension(extract_representations(ctx.table(), kind="map"), seed=ctx.seed)
+    ctx.artifacts["intrinsic_dimension"] = res
+    return [res.to_estimate()], {"eigenvalues": res.eigenvalues.tolist(), "eigen_cutoff": res.cutoff}
+
+
+def _conditional_entropy(ctx):
+    from latentdiag.estimators import conditional_entropy
+    return [conditional_entropy(ctx.table())], {}
+
+
+def _linear_probe(ctx):
+    """Linear probe on the posterior means, trained on a seeded, class-stratified half of the evaluated data and
+    tested on the other half (the report sees one data set)."""
+    from latentdiag.adapters.protocol import UnsupportedModelError
+    from latentdiag.estimators import extract_representations, linear_probe
+
+    table = ctx.table()
+    if table.labels is None or int(torch.unique(table.labels).numel()) < 2:
+        raise UnsupportedModelError("the data carry no class labels (or only one class)")
+    from sklearn.model_selection import train_test_split
+
+    reps = extract_representations(table, kind="map").values
+    labels = table.labels.numpy()
+    train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+    res = linear_probe(reps[train], labels[train], reps[test], labels[test], seed=ctx.seed)
+    est = res.to_estimate()
+    half = "trained on a seeded, class-stratified half of the evaluated data, tested on the other half"
+    return [dataclasses.replace(est, notes=(*est.notes, half))], {}
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("rate", "E KL(q(z|x) || p(z))", _rate),
     Metric("distortion", "-E E_q log p(x|z)", _distortion),
@@ -167,6 +201,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks),
     Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd),
     Metric("histograms", "aggregate-posterior histograms against the prior (plot)", _histograms),
+    Metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum",
+           _intrinsic_dimension),
+    Metric("conditional_entropy", "E_x H(q(z|x))", _conditional_entropy),
+    Metric("linear_probe", "linear SVM probe on posterior means (needs labels)", _linear_probe),
     Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
            _decoding, needs=("decoder_logits",)),
 ]}
