@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,6 +94,9 @@ def test_renderers_agree_and_json_is_strict(mlp_and_data, tmp_path):
     assert html.count("data:image/png;base64,") == 2   # activity, IW curve; rate-distortion needs distortion
     written = write_report(rep, tmp_path / "out", formats=("json", "csv", "md", "html"))
     assert sorted(p.rsplit("/", 1)[1] for p in written) == ["report.csv", "report.html", "report.json", "report.md"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(os.stat(p).st_mode & 0o777 == 0o666 & ~mask for p in written)   # not mkstemp's private 0600
     with pytest.raises(ValueError, match="unknown report format 'xml'"):
         write_report(rep, tmp_path / "bad", formats=("json", "xml"))
     assert not (tmp_path / "bad").exists()   # nothing written when one format is bad

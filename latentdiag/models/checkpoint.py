@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from latentdiag._io import _umask_mode
 from latentdiag.adapters.loading import load_checkpoint
 from latentdiag.models.registry import _check_plain, build_model, model_config
 
@@ -74,6 +75,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, data: Ma
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
