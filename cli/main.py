@@ -94,20 +94,43 @@ def _eval_options(fn):
     return fn
 
 
-def _load(checkpoint: str, factory: str | None, trust: bool):
-    from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError
+def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"):
+    """Load the model and move it to ``device``; every failure is exit 3 except a malformed factory (2)."""
+    import os
+
+    from latentdiag._runtime import resolve_device
+    from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError, load_factory
     from latentdiag.report import load_model
 
     try:
-        return load_model(checkpoint, factory=factory, trusted=trust)
+        run_device = resolve_device(device)
+    except ValueError as err:
+        raise click.UsageError(f"--device: {err}") from err
+    if factory is not None:
+        if os.getcwd() not in sys.path:  # like `python -m`: a factory in the current folder imports
+            sys.path.insert(0, os.getcwd())
+        try:
+            factory = load_factory(factory)
+        except ValueError as err:
+            raise click.UsageError(f"--model: {err}") from err
+        except (ImportError, AttributeError, TypeError) as err:
+            raise _Fail(EXIT_RUNTIME, f"--model: {err}") from err
+    try:
+        loaded = load_model(checkpoint, factory=factory, trusted=trust)
     except FileNotFoundError as err:
         raise _Fail(EXIT_RUNTIME, str(err)) from err
     except UnsafeCheckpointError as err:
         raise _Fail(EXIT_RUNTIME, f"{err} (nothing was run)") from err
     except (CheckpointReadError, ImportError, AttributeError) as err:
         raise _Fail(EXIT_RUNTIME, str(err)) from err
-    except (ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise _Fail(EXIT_RUNTIME, f"cannot build the model from {checkpoint!r}: {err}") from err
+    except Exception as err:  # a user's factory can raise anything: it is a runtime error, never exit 1
+        raise _Fail(EXIT_RUNTIME, f"cannot build the model from {checkpoint!r}: {type(err).__name__}: {err}") from err
+    if hasattr(loaded.model, "to"):
+        try:
+            loaded.model.to(run_device)
+        except Exception as err:
+            raise _Fail(EXIT_RUNTIME, f"cannot move the model to {run_device}: {err}") from err
+    return loaded
 
 
 def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | None):
@@ -128,6 +151,8 @@ def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | No
         raise click.UsageError(f"--data: {err}") from err
     if limit is not None:
         data = _head(data, limit)
+    if spec.partition(":")[0] in ("tensor", "npz"):  # files are taken as stored: no split, no pixel format
+        split, fmt = "as stored", "as stored"
     return data, {"spec": spec, "split": split, "format": fmt, "n": _length(data)}
 
 
@@ -162,12 +187,8 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
                           provenance_extra={"command": command, **loaded.provenance(), "data": data_info})
     except NonFiniteEstimateError as err:
         raise _Fail(EXIT_RUNTIME, f"non-finite metric: {err}") from err
-    except (ValueError, TypeError) as err:
-        if "device" in str(err):
-            raise click.UsageError(str(err)) from err
-        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {err}") from err
-    except (RuntimeError, ArithmeticError) as err:
-        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {err}") from err
+    except Exception as err:  # the model's own code can raise anything: a runtime error, never exit 1
+        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {type(err).__name__}: {err}") from err
 
 
 def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
@@ -198,7 +219,7 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
            device, quiet, verbose, no_progress, out, no_files, fmt, no_plots):
     """Report on the model in CHECKPOINT: table on stdout, report files in --out."""
     def body():
-        loaded = _load(checkpoint, factory, trust_checkpoint)
+        loaded = _load(checkpoint, factory, trust_checkpoint, device)
         data, info = _data(loaded, data_spec, data_format, split, limit)
         if verbose:
             click.echo(f"evaluating {checkpoint} on {info['spec']} ({info['split']}, n = {info['n']})", err=True)
@@ -230,7 +251,7 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
         names = [s.strip() for s in labels.split(",")] if labels else [Path(c).stem for c in checkpoints]
         if len(names) != len(checkpoints) or len(set(names)) != len(names):
             raise click.UsageError(f"--labels must give {len(checkpoints)} distinct names; got {names}.")
-        loaded = {name: _load(c, factory, trust_checkpoint) for name, c in zip(names, checkpoints)}
+        loaded = {name: _load(c, factory, trust_checkpoint, device) for name, c in zip(names, checkpoints)}
         first = next(iter(loaded.values()))
         data, info = _data(first, data_spec, data_format, split, limit)
         reports = {name: _evaluate(lm, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed,
@@ -287,7 +308,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
                                training={"epochs": epochs, "seed": seed, "history": losses})
         click.echo(f"trained an MLP VAE (latent {latent_dim}) on {data_name} train ({epochs} epochs, final -ELBO "
                    f"{losses[-1]:.2f} nats); saved {ckpt}", err=True)
-        loaded = _load(str(ckpt), None, False)
+        loaded = _load(str(ckpt), None, False, device)
         data, info = _data(loaded, None, None, "test", None)
         rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
                         progress=progress, verbose=False, command="demo")
@@ -352,11 +373,11 @@ def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir,
             base_doc = gate.load_report(base_path) if base_path else None
             doc = gate.load_report(report_path) if report_path else None
         except FileNotFoundError as err:
-            raise click.UsageError(str(err)) from err
+            raise click.UsageError(f"--report/--baseline: file not found: {err.filename or err}") from err
         except ValueError as err:
             raise click.UsageError(str(err)) from err
         if doc is None:
-            loaded = _load(checkpoint, factory, trust_checkpoint)
+            loaded = _load(checkpoint, factory, trust_checkpoint, device)
             data, info = _data(loaded, data_spec, data_format, split, limit)
             rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
                             progress=_progress(no_progress, quiet), verbose=verbose, command="check")

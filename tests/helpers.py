@@ -55,3 +55,8 @@ class MVNPriorModel(torch.nn.Module):
 def linear_gaussian_factory(state):
     """A ``--model`` factory for CLI tests: the checkpoint is ``{"seed": int}``."""
     return LinearGaussianModel.random(6, 2, seed=int(state["seed"]))
+
+
+def broken_factory(state):
+    """A ``--model`` factory that fails with an exception type no loader expects."""
+    raise IndexError("boom")

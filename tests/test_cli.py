@@ -248,3 +248,15 @@ def test_demo_is_reproducible_for_a_seed():
     a = run_demo("digits", epochs=1, latent_dim=3, iw_samples=3, seed=5, device="cpu", metrics="rate,iw_nll")
     b = run_demo("digits", epochs=1, latent_dim=3, iw_samples=3, seed=5, device="cpu", metrics="rate,iw_nll")
     assert [r.value for r in a.results] == [r.value for r in b.results]
+
+
+def test_factory_errors_are_runtime_or_usage_errors(runner, tmp_path):
+    path = tmp_path / "s.pt"
+    torch.save({"seed": 0}, path)
+    res = runner.invoke(cli, ["report", str(path), "--model", "helpers:broken_factory", "--data", "digits",
+                              "--no-files", *FAST])
+    assert res.exit_code == 3 and "IndexError: boom" in res.output   # never exit 1 (which means "a rule failed")
+    res = runner.invoke(cli, ["report", str(path), "--model", "helpers", "--data", "digits", "--no-files", *FAST])
+    assert res.exit_code == 2 and "package.module:function" in res.output
+    res = runner.invoke(cli, ["report", str(path), "--model", "no_such_pkg.x:build", "--no-files", *FAST])
+    assert res.exit_code == 3 and "no_such_pkg" in res.output

@@ -162,7 +162,13 @@ def _intrinsic_dimension(ctx):
 
     res = intrinsic_dimension(extract_representations(ctx.table(), kind="map"), seed=ctx.seed)
     ctx.artifacts["intrinsic_dimension"] = res
-    return [res.to_estimate()], {"eigenvalues": res.eigenvalues.tolist(), "eigen_cutoff": res.cutoff}
+    est = res.to_estimate()
+    if res.eigenvalues.size and res.eigenvalues.max() < 0.01:
+        # a relative threshold counts noise directions of a code whose means barely move (a collapsed encoder)
+        est = dataclasses.replace(est, flags=(*est.flags, "inactive_code"), notes=(*est.notes, (
+            f"the posterior means barely vary (largest eigenvalue {res.eigenvalues.max():.2g} < 0.01, the "
+            "active-unit threshold): this dimension counts noise directions of an unused code")))
+    return [est], {"eigenvalues": res.eigenvalues.tolist(), "eigen_cutoff": res.cutoff}
 
 
 def _conditional_entropy(ctx):
@@ -274,7 +280,7 @@ class Report:
 
 
 def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = None, seed: int = 0,
-               device: Any = "auto", iw_samples: int = 1000, progress: bool = False,
+               device: Any = None, iw_samples: int = 1000, progress: bool = False,
                provenance_extra: Mapping[str, Any] | None = None,
                on_metric: Callable[[str, float], None] | None = None) -> Report:
     """Run the chosen metrics on ``model`` and ``data`` and return a :class:`Report`.
@@ -282,14 +288,15 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     A metric that needs a capability the model lacks, or whose estimator rejects the model
     (:class:`latentdiag.UnsupportedModelError` or NotImplementedError: e.g. per-dimension KL of a
     non-factorised posterior), is skipped with the reason. Other errors propagate: a model that fails is a
-    runtime error, not a skipped metric.
+    runtime error, not a skipped metric. ``device`` defaults to the model's; the model is not moved (estimators
+    refuse a device the model is not on).
     """
     from latentdiag._runtime import resolve_device
     from latentdiag._validation import check_int
 
     names = resolve_metrics(metrics)
     seed, iw_samples = check_int("seed", seed, minimum=0), check_int("iw_samples", iw_samples)
-    ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device), progress=progress,
+    ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
                    iw_samples=iw_samples)
     results: list[Estimate] = []
     skipped: dict[str, str] = {}
