@@ -18,6 +18,9 @@ from latentdiag.adapters import (
     load_factory,
 )
 from latentdiag.estimators import (
+    MixedMembership,
+    compare_aggregate_posteriors,
+    mixed_membership,
     IntrinsicDimension,
     ProbeResult,
     Representations,
@@ -53,6 +56,9 @@ from latentdiag.results import Estimate, results_frame
 __version__ = "0.1.0"
 
 __all__ = [
+    "MixedMembership",
+    "compare_aggregate_posteriors",
+    "mixed_membership",
     "IntrinsicDimension",
     "ProbeResult",
     "Representations",

@@ -11,6 +11,7 @@ from latentdiag.estimators.aggregate import (
 from latentdiag.estimators.decoding import DecodingDivergence, PositionProfile, decoding_divergence, js_divergence
 from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
+from latentdiag.estimators.mixed_membership import MixedMembership, compare_aggregate_posteriors, mixed_membership
 from latentdiag.estimators.probes import ProbeResult, SampleEfficiency, linear_probe, nonlinear_probe, sample_efficiency
 from latentdiag.estimators.representation import (
     IntrinsicDimension,
@@ -24,6 +25,9 @@ from latentdiag.estimators.representation import (
 from latentdiag.estimators.two_sample import ks_test, mmd_aggregate_vs_prior, mmd_test
 
 __all__ = [
+    "MixedMembership",
+    "compare_aggregate_posteriors",
+    "mixed_membership",
     "IntrinsicDimension",
     "ProbeResult",
     "Representations",

@@ -110,11 +110,11 @@ def write_compare(comparison: Comparison, out_dir: Any) -> list[str]:
     mm = comparison.mixed_membership
     if mm is not None:
         try:
-            from latentdiag.plots.mixed_membership import plot_weights
+            from latentdiag.plots.mixed_membership import plot_component_weights
         except ImportError:
-            plot_weights = None
-        if plot_weights is not None:
-            figures["Mixed-membership weights"] = plot_weights(mm)
+            plot_component_weights = None
+        if plot_component_weights is not None:
+            figures["Mixed-membership weights"] = plot_component_weights(mm)
     parts = ["<h1>latentdiag comparison</h1>", comparison.frame.to_html(escape=True)]
     for title, fig in figures.items():
         buf = io.BytesIO()

@@ -168,9 +168,15 @@ def _eigenspectrum(result: Any) -> Any:
     return plot_eigenspectrum(result)
 
 
+def _mm_weights(result: Any) -> Any:
+    from latentdiag.plots.mixed_membership import plot_component_weights
+    return plot_component_weights(result)
+
+
 # (artifact or plot-data key, title, function) for figures of further estimators
 _EXTRA_FIGURES: list[tuple[str, str, Any]] = [
     ("intrinsic_dimension", "PCA eigen-spectrum of the posterior means", _eigenspectrum),
+    ("mixed_membership", "Mixed-membership component weights (model q(z) and prior)", _mm_weights),
     ("decoding", "Decoding divergence over relative position (prior vs posterior codes)", _decoding_relative),
     ("decoding", "Decoding divergence per pixel (JS)", _decoding_map),
 ]

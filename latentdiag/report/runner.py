@@ -196,6 +196,21 @@ def _linear_probe(ctx):
     return [dataclasses.replace(est, notes=(*est.notes, half))], {}
 
 
+def _mixed_membership(ctx):
+    """Mixed-membership fit of this model's q(z) and its prior: a held-out lower bound on the marginal KL."""
+    from latentdiag.estimators import compare_aggregate_posteriors
+
+    mm = compare_aggregate_posteriors({"model": ctx.model}, ctx.data, seed=ctx.seed,
+                                      encode_kwargs={"device": ctx.device})
+    ctx.artifacts["mixed_membership"] = mm
+    kl = mm.marginal_kl()
+    prior_kl = kl["prior"]
+    est = dataclasses.replace(kl["model"], name="marginal_kl_mixed_membership", notes=(
+        *kl["model"].notes, f"the prior's own group scores {prior_kl.value:.3f} ± {prior_kl.stderr:.3f} nats "
+        "(near 0 when the fit is sound)"))
+    return [est], {"mixed_membership_weights": mm.to_frame().reset_index().to_dict(orient="list")}
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("rate", "E KL(q(z|x) || p(z))", _rate),
     Metric("distortion", "-E E_q log p(x|z)", _distortion),
@@ -211,6 +226,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            _intrinsic_dimension),
     Metric("conditional_entropy", "E_x H(q(z|x))", _conditional_entropy),
     Metric("linear_probe", "linear SVM probe on posterior means (needs labels)", _linear_probe),
+    Metric("mixed_membership", "Pyro mixed-membership model of q(z) and the prior: marginal-KL lower bound "
+           "(slow: about half a minute)", _mixed_membership, default=False),
     Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
            _decoding, needs=("decoder_logits",)),
 ]}
