@@ -24,20 +24,7 @@ from latentdiag.testing import LinearGaussianModel
 FAST = {"max_epochs": 25, "patience": 5, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP/BLAS stalls when the tests share a busy machine."""
-    import importlib
-
-    for module in ("scipy.linalg", "sklearn.decomposition", "sklearn.svm"):
-        importlib.import_module(module)  # threadpoolctl limits only libraries already loaded
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n, rng, *, sep=4.0, d=5, classes=3):

@@ -23,20 +23,7 @@ from latentdiag.estimators.representation import (
 from latentdiag.testing import LinearGaussianModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP/BLAS stalls when the tests share a busy machine."""
-    import importlib
-
-    for module in ("scipy.linalg", "sklearn.decomposition", "sklearn.svm"):
-        importlib.import_module(module)  # threadpoolctl limits only libraries already loaded
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subspace(n, k, d, noise, seed=0):

@@ -13,7 +13,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
 from latentdiag.estimators._common import mean_and_stderr
-from latentdiag.estimators.encoded import EncodedTable, encode
+from latentdiag.estimators.encoded import EncodedTable, as_table
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
@@ -94,7 +94,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     **encode_kwargs
         Passed to :func:`latentdiag.encode` (``batch_size``, ``device``, ``progress``, ...).
     """
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs)
     samples_per_point = check_int("samples_per_point", samples_per_point)
     margin = check_positive_float("saturation_margin", saturation_margin)
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
@@ -195,7 +195,7 @@ def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = No
     quantity from the full-data MI of :func:`aggregate_posterior`; offered so that numbers can be compared with
     published ones (e.g. the code of He et al., "Lagging Inference Networks", 2019).
     """
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs)
     batch_size = check_int("batch_size", batch_size, minimum=2)
     z, index, log_q_own = table.sample(check_int("samples_per_point", samples_per_point), seed=seed)
     values = torch.empty(z.shape[0], dtype=torch.float64)
@@ -225,7 +225,7 @@ def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold
     The per-dimension variances of the posterior means are kept in ``per_dimension["activity"]`` (for the
     sorted plot with the threshold line).
     """
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs)
     threshold = check_positive_float("threshold", threshold)
     if table.n < 2:
         raise ValueError(f"active units need at least 2 datapoints; got {table.n}.")
@@ -244,7 +244,7 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
     ``value`` is their sum (the rate, for a factorised posterior and prior); ``per_dimension["kl"]`` holds the
     per-dimension values for the sorted-KL plot.
     """
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs)
     prior = table.prior
     if table.family != "diag_normal" or not (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)):
         raise UnsupportedModelError("per_dimension_kl needs a diagonal Normal posterior and an Independent(Normal) prior; got "
@@ -258,17 +258,6 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
                     estimator="analytic E_x KL(q(z_d|x) || p(z_d)) per dimension, summed",
                     per_dimension={"kl": kl_dims, "kl_stderr": kl.std(0, correction=1).numpy() / math.sqrt(table.n)},
                     per_datapoint=per_point)
-
-
-def _table(model_or_table: Any, data: DataLike | None, encode_kwargs: dict[str, Any]) -> EncodedTable:
-    if isinstance(model_or_table, EncodedTable):
-        if data is not None or encode_kwargs:
-            raise ValueError("data and encoder options must be omitted when an EncodedTable is given; got "
-                             f"data={type(data).__name__}, options {sorted(encode_kwargs)}.")
-        return model_or_table
-    if data is None:
-        raise ValueError("data is required when a model (not an EncodedTable) is given.")
-    return encode(model_or_table, data, **encode_kwargs)
 
 
 def _prior_device(table: EncodedTable) -> torch.device:

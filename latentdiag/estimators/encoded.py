@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,21 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
                         kl_method="analytic" if state["analytic"] else f"monte_carlo ({kl_samples} samples)",
                         loc=as_table.get("loc"), scale=as_table.get("scale"), batches=tuple(state["batches"]),
                         labels=labels, settings={"batch_size": batch_size, "seed": seed, **run})
+
+
+def as_table(model_or_table: Any, data: DataLike | None, encode_kwargs: Mapping[str, Any], *,
+             table_ignores: tuple[str, ...] = ()) -> EncodedTable:
+    """The table given, or ``encode(model, data, **encode_kwargs)``; with a table, ``data`` and encoder options
+    (other than ``table_ignores``, options the caller also uses for itself) must be omitted."""
+    if isinstance(model_or_table, EncodedTable):
+        extra = {k: v for k, v in encode_kwargs.items() if k not in table_ignores}
+        if data is not None or extra:
+            raise ValueError("data and encoder options must be omitted when an EncodedTable is given; got "
+                             f"data={type(data).__name__}, options {sorted(extra)}.")
+        return model_or_table
+    if data is None:
+        raise ValueError("data is required when a model (not an EncodedTable) is given.")
+    return encode(model_or_table, data, **encode_kwargs)
 
 
 def _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state):

@@ -26,7 +26,7 @@ from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_choice, check_int
 from latentdiag.estimators._common import mean_and_stderr
-from latentdiag.estimators.encoded import EncodedTable, encode
+from latentdiag.estimators.encoded import EncodedTable, as_table, encode
 from latentdiag.results import Estimate
 
 __all__ = ["REPRESENTATION_KINDS", "ID_RULES", "IntrinsicDimension", "Representations", "conditional_entropy",
@@ -127,7 +127,7 @@ def extract_representations(model_or_table: Any, data: DataLike | None = None, *
                          f"{samples_per_point} with kind={kind!r}.")
     if model_or_table is not None and not isinstance(model_or_table, EncodedTable) and "seed" not in encode_kwargs:
         encode_kwargs = {**encode_kwargs, "seed": seed}
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs, table_ignores=("seed",))
     labels = None if table.labels is None else table.labels.numpy()
     notes: list[str] = []
     settings: dict[str, Any] = {"kind": kind, "family": table.family, "latent_dim": table.latent_dim}
@@ -160,7 +160,7 @@ def conditional_entropy(model_or_table: Any, data: DataLike | None = None, **enc
     **encode_kwargs
         Passed to :func:`latentdiag.encode`.
     """
-    table = _table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, encode_kwargs, table_ignores=("seed",))
     if table.family == "diag_normal":
         per_point = (torch.log(table.scale).sum(1) + 0.5 * table.latent_dim * _LOG_2PI_E).numpy()
         how = "analytic diagonal-Gaussian entropy sum_d log sigma_d + (D/2) log(2 pi e)"
@@ -549,18 +549,6 @@ def format_representation_table(df: Any, *, percent: bool = True, digits: int = 
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-
-def _table(model_or_table: Any, data: DataLike | None, encode_kwargs: Mapping[str, Any]) -> EncodedTable:
-    if isinstance(model_or_table, EncodedTable):
-        extra = {k: v for k, v in encode_kwargs.items() if k != "seed"}
-        if data is not None or extra:
-            raise ValueError("data and encoder options must be omitted when an EncodedTable is given; got "
-                             f"data={type(data).__name__}, options {sorted(extra)}.")
-        return model_or_table
-    if data is None:
-        raise ValueError("data is required when a model (not an EncodedTable) is given.")
-    return encode(model_or_table, data, **encode_kwargs)
-
 
 def _table_arg(name: str, model: Any, data: Any, encode_kwargs: Mapping[str, Any]) -> EncodedTable:
     if isinstance(data, EncodedTable):

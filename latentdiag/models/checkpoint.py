@@ -13,7 +13,6 @@ Layout (a plain dict; version 1)::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from latentdiag._io import _umask_mode
+from latentdiag._io import atomic_write
 from latentdiag.adapters.loading import load_checkpoint
 from latentdiag.models.registry import _check_plain, build_model, model_config
 
@@ -69,18 +68,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, data: Ma
                "model": config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "data": dict(data) if data is not None else None,
                "training": dict(training) if training is not None else None}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def is_reference_checkpoint(obj: Any) -> bool:
