@@ -428,6 +428,15 @@ def inspect(checkpoint, trust_checkpoint, fmt):
     _run(body)
 
 
+def _register_train() -> None:
+    from latentdiag.cli.train_cmd import train
+
+    cli.add_command(train)
+
+
+_register_train()
+
+
 @cli.command("metrics")
 def list_metrics():
     """List the metrics a report can run (default ones marked *)."""

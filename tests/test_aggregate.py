@@ -307,3 +307,23 @@ def test_clamped_row_logsumexp_is_exact_and_keeps_empty_rows():
     block = torch.tensor([[0.0, -1000.0, -2.0], [-math.inf] * 3, [5.0, -math.inf, 5.0], [-800.0, -1e4, -801.0]],
                          dtype=torch.float64)
     torch.testing.assert_close(_logsumexp_rows(block.clone()), torch.logsumexp(block, 1), rtol=0, atol=1e-12)
+
+
+def test_learned_flow_prior_without_closed_form_mean():
+    # a VLAE flow prior: no .mean, parameters that require grad; the split must still be computed, and the
+    # per-dimension decomposition skipped with its reason (the prior does not factorise)
+    from latentdiag.models.flow_prior import VLAEFlowPrior
+
+    torch.manual_seed(0)
+    prior = VLAEFlowPrior(3, steps=2, hidden=16)()
+    with pytest.raises(NotImplementedError):
+        prior.mean
+    g = torch.Generator().manual_seed(1)
+    loc = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    scale = 0.3 + torch.rand(200, 3, generator=g, dtype=torch.float64)
+    table = EncodedTable(family="diag_normal", means=loc, prior=prior, kl=np.zeros(200), kl_method="monte_carlo",
+                         loc=loc, scale=scale)
+    res = ld.aggregate_posterior(table, seed=0)
+    assert math.isfinite(res.mutual_information.value) and math.isfinite(res.marginal_kl.value)
+    assert res.total_correlation is None and "factorise" in res.settings["decomposition_skipped"]
+    assert ld.ks_test(table, seed=0).n == 200

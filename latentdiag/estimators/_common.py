@@ -154,3 +154,18 @@ def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor])
     else:
         dims = torch.full((x.shape[0],), float(dims), dtype=torch.float64)
     return {**columns, "dims": dims}
+
+
+def prior_device_dtype(prior: Distribution) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a prior's parameters: from its mean, else (a flow prior has no closed-form mean) its
+    first parameter when it is a module, else one draw taken on a forked RNG."""
+    try:
+        ref = prior.mean
+    except NotImplementedError:
+        params = list(prior.parameters()) if isinstance(prior, torch.nn.Module) else []
+        if params:
+            ref = params[0]
+        else:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                ref = prior.sample()
+    return ref.device, ref.dtype

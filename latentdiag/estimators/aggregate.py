@@ -12,8 +12,8 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
-from latentdiag.estimators._common import mean_and_stderr
-from latentdiag.estimators.encoded import EncodedTable, as_table
+from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
+from latentdiag.estimators.encoded import as_table
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
@@ -105,8 +105,11 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     log_n = math.log(table.n)
     log_q_agg = logsumexp_log_q(z, table, chunk_size=chunk_size) - log_n
     log_p_dims = marginal_log_prob(table.prior, z)  # float64 when the prior factorises; else the prior's own
-    log_p = (log_p_dims.sum(1) if log_p_dims is not None else
-             table.prior.log_prob(z.to(_prior_device(table), _prior_dtype(table))).to("cpu", torch.float64))
+    if log_p_dims is not None:
+        log_p = log_p_dims.sum(1)
+    else:
+        with torch.no_grad():  # a learned prior (a flow) must not build a graph here
+            log_p = table.prior.log_prob(z.to(*prior_device_dtype(table.prior))).to("cpu", torch.float64)
     m = z.shape[0]
     settings = {"n_datapoints": table.n, "samples_per_point": samples_per_point, "n_samples": m,
                 "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
@@ -258,11 +261,3 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
                     estimator="analytic E_x KL(q(z_d|x) || p(z_d)) per dimension, summed",
                     per_dimension={"kl": kl_dims, "kl_stderr": kl.std(0, correction=1).numpy() / math.sqrt(table.n)},
                     per_datapoint=per_point)
-
-
-def _prior_device(table: EncodedTable) -> torch.device:
-    return table.prior.mean.device
-
-
-def _prior_dtype(table: EncodedTable) -> torch.dtype:
-    return table.prior.mean.dtype

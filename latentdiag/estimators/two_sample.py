@@ -20,6 +20,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from latentdiag._runtime import mix_seed
 from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag.estimators._common import prior_device_dtype
 from latentdiag.estimators.encoded import EncodedTable
 from latentdiag.results import Estimate
 
@@ -489,9 +490,9 @@ def _draw_prior(prior: Distribution, count: int, seed: int | None, latent_dim: i
     """``count`` draws of p(z) as float64 CPU (count, D), from a seeded fork of torch's RNG (caller's untouched)."""
     batch = int(np.prod(tuple(prior.batch_shape), dtype=np.int64))
     devices: list[int] = []
-    loc = getattr(prior, "mean", None)
-    if isinstance(loc, torch.Tensor) and loc.device.type == "cuda":
-        devices = [loc.device.index if loc.device.index is not None else torch.cuda.current_device()]
+    device, _ = prior_device_dtype(prior)
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(mix_seed(_stream_seed(seed, _STREAM_PRIOR)))
         draws = prior.sample((math.ceil(count / batch),))
