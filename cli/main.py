@@ -59,13 +59,27 @@ def cli() -> None:
 # -- shared options --------------------------------------------------------------------------------------------
 
 def _model_options(fn):
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        # kept in ctx.meta (not passed to the command) and read by _load
+        ctx.meta[f"latentdiag.{param.name}"] = value
+        return value
+
     for option in reversed([
         click.option("--model", "factory", default=None, metavar="PACKAGE.MODULE:FUNCTION",
                      help="Factory that returns a protocol model given the loaded checkpoint (or its path, if its "
                           "first parameter is named 'path'). Default: the checkpoint is a latentdiag reference "
-                          "checkpoint and rebuilds itself."),
+                          "checkpoint and rebuilds itself; a folder is a pythae model folder."),
         click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow full unpickling of the checkpoint (can run code: only for files you trust)."),
+                     help="Allow full unpickling of the checkpoint (can run code: only for files you trust), and "
+                          "of a pythae folder's pickled custom networks."),
+        click.option("--state-dict-key", "state_dict_key", default=None, metavar="KEY", expose_value=False,
+                     callback=remember,
+                     help="With --model: pass the factory checkpoint[KEY] (e.g. 'state_dict' of a Lightning "
+                          "checkpoint) instead of the whole checkpoint."),
+        click.option("--strip-prefix", "strip_prefix", default=None, metavar="PREFIX", expose_value=False,
+                     callback=remember,
+                     help="With --model: keep the state-dict entries whose keys start with PREFIX (e.g. "
+                          "Lightning's 'model.'), PREFIX removed; applied after --state-dict-key."),
     ]):
         fn = option(fn)
     return fn
@@ -94,18 +108,35 @@ def _eval_options(fn):
     return fn
 
 
-def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"):
-    """Load the model and move it to ``device``; every failure is exit 3 except a malformed factory (2)."""
+def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu", *,
+          state_dict_key: str | None = None, strip_prefix: str | None = None):
+    """Load the model and move it to ``device``; every failure is exit 3 except a malformed factory, a bad
+    --device and --state-dict-key / --strip-prefix where they do not apply (2). A key or prefix that does not
+    match the checkpoint is exit 3 (the message lists the keys found). ``state_dict_key`` / ``strip_prefix``
+    default to the command's --state-dict-key / --strip-prefix."""
     import os
 
     from latentdiag._runtime import resolve_device
     from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError, load_factory
     from latentdiag.report import load_model
+    from latentdiag.report.source import StateDictKeyError, factory_takes_path
 
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    state_dict_key = state_dict_key if state_dict_key is not None else meta.get("latentdiag.state_dict_key")
+    strip_prefix = strip_prefix if strip_prefix is not None else meta.get("latentdiag.strip_prefix")
+    selecting = [name for name, value in (("--state-dict-key", state_dict_key), ("--strip-prefix", strip_prefix))
+                 if value is not None]
+    if strip_prefix == "":
+        raise click.UsageError("--strip-prefix must not be empty.")
     try:
         run_device = resolve_device(device)
     except ValueError as err:
         raise click.UsageError(f"--device: {err}") from err
+    if selecting and factory is None:
+        raise click.UsageError(f"{' and '.join(selecting)} {'select' if len(selecting) > 1 else 'selects'} what a "
+                               "--model factory receives; give --model "
+                               "PACKAGE.MODULE:FUNCTION (a reference checkpoint or pythae folder loads by itself).")
     if factory is not None:
         if os.getcwd() not in sys.path:  # like `python -m`: a factory in the current folder imports
             sys.path.insert(0, os.getcwd())
@@ -115,12 +146,20 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
             raise click.UsageError(f"--model: {err}") from err
         except (ImportError, AttributeError, TypeError) as err:
             raise _Fail(EXIT_RUNTIME, f"--model: {err}") from err
+        if selecting and factory_takes_path(factory):
+            raise click.UsageError(f"{' and '.join(selecting)} {'do' if len(selecting) > 1 else 'does'} not apply: "
+                                   "the --model factory's first parameter "
+                                   "is 'path', so it gets the checkpoint's path and loads it itself.")
     try:
-        loaded = load_model(checkpoint, factory=factory, trusted=trust)
+        loaded = load_model(checkpoint, factory=factory, trusted=trust, state_dict_key=state_dict_key,
+                            strip_prefix=strip_prefix)
     except FileNotFoundError as err:
         raise _Fail(EXIT_RUNTIME, str(err)) from err
     except UnsafeCheckpointError as err:
         raise _Fail(EXIT_RUNTIME, f"{err} (nothing was run)") from err
+    except StateDictKeyError as err:  # the message names the Python arguments: say the options instead
+        message = str(err).replace("state_dict_key", "--state-dict-key").replace("strip_prefix", "--strip-prefix")
+        raise _Fail(EXIT_RUNTIME, message) from err
     except (CheckpointReadError, ImportError, AttributeError) as err:
         raise _Fail(EXIT_RUNTIME, str(err)) from err
     except Exception as err:  # a user's factory can raise anything: it is a runtime error, never exit 1
@@ -206,7 +245,7 @@ def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
 # -- commands ----------------------------------------------------------------------------------------------------
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @_model_options
 @_eval_options
 @click.option("--out", default="latentdiag-report", show_default=True, metavar="DIR",
@@ -234,7 +273,7 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
 
 
 @cli.command()
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @_model_options
 @_eval_options
 @click.option("--labels", default=None, help="Comma-separated names for the checkpoints (default: file stems).")
@@ -321,7 +360,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
 
 
 @cli.command()
-@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.argument("checkpoint", required=False, type=click.Path())
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Check an existing report.json instead of computing one from CHECKPOINT.")
 @click.option("--fail-if", "fail_if", multiple=True, metavar="RULE",

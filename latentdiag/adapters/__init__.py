@@ -4,6 +4,8 @@ from latentdiag.adapters.check import ModelCheck, ModelProtocolError, check_mode
 from latentdiag.adapters.inspect import CheckpointEntry, CheckpointInfo, inspect_checkpoint
 from latentdiag.adapters.loading import CheckpointReadError, UnsafeCheckpointError, load_checkpoint, load_factory
 from latentdiag.adapters.modules import LIKELIHOODS, ModuleVAE, from_modules
+from latentdiag.adapters.pyro import PyroVAE, from_pyro
+from latentdiag.adapters.pythae import PythaeVAE, from_pythae, load_pythae_folder
 from latentdiag.adapters.protocol import (
     LatentVariableModel,
     SupportsDecoderLogits,
@@ -14,6 +16,11 @@ from latentdiag.adapters.protocol import (
 )
 
 __all__ = [
+    "PyroVAE",
+    "PythaeVAE",
+    "from_pyro",
+    "from_pythae",
+    "load_pythae_folder",
     "CheckpointEntry",
     "CheckpointInfo",
     "inspect_checkpoint",
