@@ -28,12 +28,7 @@ TINY_CIFAR = {"latent_dim": 3, "input_shape": [3, 8, 8], "width": 8, "cond_chann
               "res_blocks": 1, "mixtures": 2, "flow_hidden": 8, "flow_steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread avoids OpenMP stalls
 
 
 def _data(model, n: int = 5, seed: int = 0) -> torch.Tensor:

@@ -12,12 +12,7 @@ from latentdiag.models.pixelcnn import ConditionalPixelCNN, check_horizon
 SIZE = 9  # odd image side, so that interior pixels have the whole window inside the image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread avoids OpenMP stalls
 
 
 def test_causal_masks_known_values():

@@ -36,12 +36,7 @@ TINY = {"latent_dim": 3, "input_shape": [1, 6, 6], "hidden": 16, "cond_channels"
         "levels": 4, "flow_hidden": 8, "flow_steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread avoids OpenMP stalls
 
 
 def _x(n: int, seed: int = 0) -> torch.Tensor:
