@@ -184,27 +184,23 @@ def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | No
         fmt = trained_on.get("format")
     try:
         data = load_spec(spec, split, format=fmt)
-    except FileNotFoundError as err:
-        raise click.UsageError(f"--data: {err}") from err
-    except (ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError) as err:
         raise click.UsageError(f"--data: {err}") from err
     if limit is not None:
         data = _head(data, limit)
     if spec.partition(":")[0] in ("tensor", "npz"):  # files are taken as stored: no split, no pixel format
         split, fmt = "as stored", "as stored"
-    return data, {"spec": spec, "split": split, "format": fmt, "n": _length(data)}
+    return data, {"spec": spec, "split": split, "format": fmt, "n": len(data)}
 
 
 def _head(data: Any, n: int) -> Any:
-    from latentdiag.data import DataSplit
+    """The first ``n`` datapoints of a tensor or of a split dataclass with ``x`` and ``y`` (images or text)."""
+    import dataclasses
 
-    if isinstance(data, DataSplit):
-        return DataSplit(x=data.x[:n], y=data.y[:n], name=data.name, num_classes=data.num_classes)
+    if dataclasses.is_dataclass(data) and hasattr(data, "x"):
+        y = getattr(data, "y", None)
+        return dataclasses.replace(data, x=data.x[:n], y=y[:n] if y is not None else None)
     return data[:n]
-
-
-def _length(data: Any) -> int:
-    return len(data)
 
 
 def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, progress, verbose, command):
