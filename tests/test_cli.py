@@ -260,3 +260,25 @@ def test_factory_errors_are_runtime_or_usage_errors(runner, tmp_path):
     assert res.exit_code == 2 and "package.module:function" in res.output
     res = runner.invoke(cli, ["report", str(path), "--model", "no_such_pkg.x:build", "--no-files", *FAST])
     assert res.exit_code == 3 and "no_such_pkg" in res.output
+
+
+def test_every_command_in_a_real_subprocess(checkpoint, tmp_path):
+    """Each command as a user runs it: a separate process, exit code and stdout/stderr as the shell sees them."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "latentdiag.cli.main", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    assert "* rate" in run("metrics").stdout
+    inspected = run("inspect", str(checkpoint), "--format", "json")
+    assert inspected.returncode == 0 and json.loads(inspected.stdout)["loadable_weights_only"] is True
+    rep = run("report", str(checkpoint), "--out", "r", "--no-plots", "--metrics", "rate,elbo", *FAST)
+    assert rep.returncode == 0 and (tmp_path / "r" / "report.json").exists()
+    failed = run("check", "--report", "r/report.json", "--fail-if", "rate>-1", "--junit", "j.xml")
+    assert failed.returncode == 1 and (tmp_path / "j.xml").exists()
+    both = run("compare", str(checkpoint), str(checkpoint), "--labels", "a,b", "--metrics", "rate",
+               "--no-mixed-membership", *FAST)
+    assert both.returncode == 0 and both.stdout.split()[:2] == ["a", "b"]
+    demo = run("demo", "--data", "digits", "--epochs", "1", "--latent-dim", "2", "--iw-samples", "2", "--metrics",
+               "rate", "--no-plots", "--out", "d", "--device", "cpu")
+    assert demo.returncode == 0 and (tmp_path / "d" / "model.pt").exists() and "rate" in demo.stdout
+    assert run("report", "nothing.pt").returncode == 3
