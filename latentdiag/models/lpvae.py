@@ -57,18 +57,23 @@ def _norm2d(width: int, on: bool) -> nn.Module:
     return nn.BatchNorm2d(width) if on else nn.Identity()
 
 
+def _linear_stack(in_features: int, hidden: int, layers: int, out_features: int, batchnorm: bool) -> nn.Sequential:
+    """`layers` linear layers, BatchNorm (optional) + ReLU between them."""
+    mods: list[nn.Module] = []
+    width = in_features
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, hidden), _norm1d(hidden, batchnorm), nn.ReLU()]
+        width = hidden
+    mods.append(nn.Linear(width, out_features))
+    return nn.Sequential(*mods)
+
+
 class _MLPEncoder(nn.Module):
     """Flattened x -> `layers` linear layers (BatchNorm + ReLU between) -> (mean, raw scale)."""
 
     def __init__(self, in_features: int, hidden: int, layers: int, latent_dim: int, batchnorm: bool):
         super().__init__()
-        mods: list[nn.Module] = []
-        width = in_features
-        for _ in range(layers - 1):
-            mods += [nn.Linear(width, hidden), _norm1d(hidden, batchnorm), nn.ReLU()]
-            width = hidden
-        mods.append(nn.Linear(width, 2 * latent_dim))
-        self.net = nn.Sequential(*mods)
+        self.net = _linear_stack(in_features, hidden, layers, 2 * latent_dim, batchnorm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
@@ -79,13 +84,7 @@ class _MLPConditioner(nn.Module):
 
     def __init__(self, latent_dim: int, hidden: int, layers: int, out_shape: tuple[int, int, int], batchnorm: bool):
         super().__init__()
-        mods: list[nn.Module] = []
-        width = latent_dim
-        for _ in range(layers - 1):
-            mods += [nn.Linear(width, hidden), _norm1d(hidden, batchnorm), nn.ReLU()]
-            width = hidden
-        mods.append(nn.Linear(width, math.prod(out_shape)))
-        self.net = nn.Sequential(*mods)
+        self.net = _linear_stack(latent_dim, hidden, layers, math.prod(out_shape), batchnorm)
         self.out_shape = out_shape
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +21,7 @@ import torch
 from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
 from latentdiag.results import Estimate
 
-__all__ = ["Report", "Metric", "METRICS", "DEFAULT_METRICS", "run_report", "resolve_metrics", "provenance"]
+__all__ = ["Report", "Metric", "METRICS", "register_metric", "run_report", "resolve_metrics", "provenance"]
 
 
 @dataclass
@@ -244,8 +243,6 @@ def _default_metrics() -> list[str]:
     return [name for name, m in METRICS.items() if m.default]
 
 
-DEFAULT_METRICS = _default_metrics
-
 
 def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
     """Metric names from a comma-separated string or a list (None or "default": the defaults; "all": every one),
@@ -364,8 +361,3 @@ def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:
             "platform": platform.platform(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), "torch_threads": torch.get_num_threads()}
 
-
-def finite_problems(report: Report) -> list[str]:
-    """Names of estimates whose value or standard error is not finite (a runtime error for ``check``)."""
-    return [r.name for r in report.results if not (math.isfinite(r.value) and
-                                                  (math.isfinite(r.stderr) or np.isnan(r.stderr)))]
