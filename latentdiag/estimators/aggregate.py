@@ -7,44 +7,55 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from latentdiag._batching import DataLike
 from latentdiag._validation import check_int, check_positive_float
 from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
+from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
 from latentdiag.estimators.encoded import as_table
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
 
-__all__ = ["AggregatePosterior", "aggregate_posterior", "minibatch_mutual_information", "active_units",
+__all__ = ["AggregatePosterior", "Convergence", "aggregate_posterior", "minibatch_mutual_information", "active_units",
            "per_dimension_kl"]
 
 
 @dataclass(frozen=True)
 class AggregatePosterior:
-    """The rate and its split, R = I_q(X; Z) + KL(q(z) || p(z)), and the beta-TCVAE split of the marginal KL.
+    """The rate and its split, R = I_q(X; Z) + KL(q(z) || p(z)), as brackets, and the beta-TCVAE split of the
+    marginal KL.
 
     Each field is an :class:`~latentdiag.Estimate` (``total_correlation`` and ``dimwise_kl`` are None when the
-    prior or posterior has no known one-dimensional marginals). ``rate_mc`` is the rate estimated from the same
-    samples, so that ``rate_mc == mutual_information + marginal_kl`` holds exactly; ``rate`` is the analytic (or
-    encoder-pass Monte Carlo) rate it estimates.
+    prior or posterior has no known one-dimensional marginals). The MI is bracketed by ``mutual_information``
+    (lower end: the full-data mixture, capped at log N) and ``mutual_information_upper`` (upper end: leave-one-out,
+    or the rate when that is smaller); the marginal KL by ``marginal_kl_lower`` = rate_mc - MI upper and
+    ``marginal_kl`` (upper end) = rate_mc - MI lower. ``rate_mc`` is the rate estimated from the same samples, so
+    that ``rate_mc == mutual_information + marginal_kl == mutual_information_upper + marginal_kl_lower`` holds
+    exactly; ``rate`` is the analytic (or encoder-pass Monte Carlo) rate it estimates. ``convergence`` holds the
+    same estimates on nested subsets N/8 ... N (None when N < 4 or not asked for).
     """
 
     entropy: Estimate
     mutual_information: Estimate
+    mutual_information_upper: Estimate
     marginal_kl: Estimate
+    marginal_kl_lower: Estimate
     rate: Estimate
     rate_mc: Estimate
     total_correlation: Estimate | None
     dimwise_kl: Estimate | None
+    convergence: Convergence | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
     def results(self) -> list[Estimate]:
         """The estimates as a list (skipping those not available)."""
-        return [r for r in (self.rate, self.mutual_information, self.marginal_kl, self.rate_mc, self.entropy,
-                            self.total_correlation, self.dimwise_kl) if r is not None]
+        return [r for r in (self.rate, self.mutual_information, self.mutual_information_upper, self.marginal_kl,
+                            self.marginal_kl_lower, self.rate_mc, self.entropy, self.total_correlation,
+                            self.dimwise_kl) if r is not None]
 
     def to_frame(self):
         """One DataFrame row per estimate."""
@@ -55,24 +66,31 @@ class AggregatePosterior:
 
 def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, samples_per_point: int = 1,
                         saturation_margin: float = 1.0, chunk_size: int = 1024, per_dim_chunk_size: int = 64,
-                        decompose: bool = True, seed: int | None = 0, **encode_kwargs: Any) -> AggregatePosterior:
+                        decompose: bool = True, convergence: bool = True, seed: int | None = 0,
+                        **encode_kwargs: Any) -> AggregatePosterior:
     """Estimate the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) of the whole data set and split the rate.
 
-    With z_i ~ q(z|x_{n_i}) (``samples_per_point`` per datapoint) and log q(z_i) = log sum_j q(z_i|x_j) - log N
-    over all N datapoints (streamed, O(chunk^2) memory):
+    With z_i ~ q(z|x_{n_i}) (``samples_per_point`` per datapoint), S_i = sum_{j != n_i} q(z_i|x_j) (streamed,
+    O(chunk^2) memory, the own term left out inside the kernel) and log q(z_i) = log(q(z_i|x_{n_i}) + S_i) - log N:
 
     - entropy H[q(z)] = -E log q(z_i);
-    - index-code MI I_q(X; Z) = E[log q(z_i|x_{n_i}) - log q(z_i)] (Hoffman & Johnson, "ELBO surgery", 2016);
-    - marginal KL(q(z) || p(z)) = E[log q(z_i) - log p(z_i)];
-    - rate_mc = E[log q(z_i|x_{n_i}) - log p(z_i)] = MI + marginal KL (exactly, same samples);
+    - MI, lower end: I_q(X; Z) >= E[log q(z_i|x_{n_i}) - log q(z_i)] in expectation (Hoffman & Johnson, "ELBO
+      surgery", 2016), capped at log N;
+    - MI, upper end: min(L1Out, R) with the leave-one-out bound L1Out = E[log q(z_i|x_{n_i}) - log(S_i / (N-1))]
+      (Poole et al., "On variational bounds of mutual information", 2019; an upper bound in expectation, not capped
+      at log N) and the trivial bound I <= R (Alemi et al., "Fixing a broken ELBO", 2018), R on the same samples;
+      ``settings["mi_upper_from"]`` says which;
+    - marginal KL(q(z) || p(z)), upper end E[log q(z_i) - log p(z_i)] = rate_mc - MI lower; lower end
+      rate_mc - MI upper (0 when the upper end is the rate);
+    - rate_mc = E[log q(z_i|x_{n_i}) - log p(z_i)] = MI + marginal KL (exactly, same samples, at either end);
     - total correlation TC = E[log q(z_i) - sum_d log q(z_id)] and dimension-wise KL = E sum_d [log q(z_id) -
       log p(z_id)], with the marginals q(z_d) = (1/N) sum_j q(z_d|x_j) (Chen et al., "Isolating Sources of
       Disentanglement", 2018): marginal KL = TC + dimension-wise KL for a factorised prior.
 
-    Standard errors are Monte Carlo errors over the samples. Biases the result states: MI <= log N for any
-    mixture of N posteriors, so an MI within ``saturation_margin`` nats of log N is flagged ``saturated`` (a lower
-    bound, with the marginal KL then overstated); and the empirical q(z) is lumpier than the population one, so
-    against population values MI is biased low and marginal KL high when N is not large relative to exp(MI).
+    Standard errors come from per-datapoint terms (each datapoint's samples averaged first). With ``convergence``
+    the same estimates are also made on nested random subsets N/8, N/4, N/2 of the same table and samples, at no
+    extra pairwise cost (each subset's sums are prefix sums of the kernel's per-group sums); an estimate that moved
+    by more than 2 standard errors of the difference over the last doubling is flagged ``not_converged``.
 
     Parameters
     ----------
@@ -83,14 +101,16 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     samples_per_point : int
         Samples of q(z|x_n) per datapoint.
     saturation_margin : float
-        Nats below log N within which the MI estimate is flagged as saturated.
+        Nats below log N within which the lower MI end is flagged as saturated.
     chunk_size, per_dim_chunk_size : int
         Block sizes of the pairwise kernel (memory ~ chunk^2 x 8 bytes) and the samples per block of the
         per-dimension kernel (memory ~ per_dim_chunk x 256 x D x 8 bytes).
     decompose : bool
         Also compute total correlation and dimension-wise KL (the per-dimension kernel costs N^2 D exponentials).
+    convergence : bool
+        Also estimate on nested subsets (needs N >= 4; with fewer, ``settings["convergence_skipped"]`` says so).
     seed : int or None
-        Seed of the samples.
+        Seed of the samples and of the subsets' order.
     **encode_kwargs
         Passed to :func:`latentdiag.encode` (``batch_size``, ``device``, ``progress``, ...).
     """
@@ -100,92 +120,191 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
                                                                                     per_dim_chunk_size)
     if table.n < 2:
-        raise ValueError(f"the aggregate posterior needs at least 2 datapoints; got {table.n}.")
-    z, _, log_q_own = table.sample(samples_per_point, seed=seed)
-    log_n = math.log(table.n)
-    log_q_agg = logsumexp_log_q(z, table, chunk_size=chunk_size) - log_n
+        raise ValueError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end needs one "
+                         f"other); got {table.n}.")
+    z, index, log_q_own = table.sample(samples_per_point, seed=seed)
+    sizes, skipped_convergence = (table.n,), None
+    if convergence:
+        sizes = nested_sizes(table.n)
+        if len(sizes) < 2:
+            sizes, skipped_convergence = (table.n,), (f"the convergence table needs N >= 4 datapoints (subsets of "
+                                                      f"at least 2); got N = {table.n}")
+    groups, rank = nested_groups(table.n, sizes, seed) if len(sizes) > 1 else (None, None)
+    # per-group sums without the own term, then prefix sums: the leave-one-out sum of every nested subset
+    lse = logsumexp_log_q(z, table, chunk_size=chunk_size, exclude=index, groups=groups)
+    loo = torch.logcumsumexp(lse, 0) if groups is not None else lse[None]
     log_p_dims = marginal_log_prob(table.prior, z)  # float64 when the prior factorises; else the prior's own
     if log_p_dims is not None:
         log_p = log_p_dims.sum(1)
     else:
         with torch.no_grad():  # a learned prior (a flow) must not build a graph here
             log_p = table.prior.log_prob(z.to(*prior_device_dtype(table.prior))).to("cpu", torch.float64)
-    m = z.shape[0]
-    settings = {"n_datapoints": table.n, "samples_per_point": samples_per_point, "n_samples": m,
-                "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
-                "saturation_margin": margin, **{k: v for k, v in table.settings.items() if k in ("device", "dtype")}}
-    common = {"n": m, "unit": "nats", "settings": settings}
-    finite_n = (f"finite-N bias: the empirical aggregate posterior of N = {table.n} datapoints is lumpier than the "
-                "population one (MI biased low, marginal KL high against population values)")
+    log_q_dims, skipped = None, None
+    if decompose:
+        log_q_dims, skipped = _per_dim_marginals(table, z, log_p_dims, per_dim_chunk_size, groups)
 
-    mi_values = (log_q_own - log_q_agg).numpy()
-    mi, mi_se = mean_and_stderr(mi_values)
-    mi_notes, mi_flags = [f"bounded by log N = {log_n:.4f} nats", finite_n], ["bound"]
-    mkl_notes, mkl_flags = [finite_n], []
+    levels = []
+    for k, n_k in enumerate(sizes):
+        sel = slice(None) if k == len(sizes) - 1 else rank[index] < n_k
+        levels.append(_per_datapoint_terms(
+            n_k, samples_per_point, log_q_own[sel], loo[k][sel], log_p[sel],
+            None if log_q_dims is None else log_q_dims[k][sel], None if log_q_dims is None else log_p_dims[sel]))
+    conv = None
+    if len(sizes) > 1:
+        tracked = [{k: lv[0][k] for k in _CONVERGENCE_NAMES if k in lv[0]} for lv in levels]
+        conv = Convergence.from_levels(sizes, tracked, (rank < sizes[-2]).numpy(), {
+            "order_seed": seed, "log_n": [math.log(s) for s in sizes], "order": "seeded random permutation",
+            "mi_upper_from": [lv[1]["mi_upper_from"] for lv in levels]})
+    terms, meta, per_dim = levels[-1]
+    log_n = math.log(table.n)
+    settings = {"n_datapoints": table.n, "samples_per_point": samples_per_point, "n_samples": z.shape[0],
+                "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
+                "saturation_margin": margin, "mi_upper_from": meta["mi_upper_from"],
+                **{k: v for k, v in table.settings.items() if k in ("device", "dtype")}}
+    overall = dict(settings)  # a copy: the estimates hold ``settings`` and must not see it change
+    if skipped:
+        overall["decomposition_skipped"] = skipped
+    if skipped_convergence:
+        overall["convergence_skipped"] = skipped_convergence
+    estimates = _estimates(table, terms, meta, per_dim, settings, margin, conv)
+    return AggregatePosterior(convergence=conv, settings=overall, **estimates)
+
+
+_CONVERGENCE_NAMES = ("mutual_information", "mutual_information_upper", "marginal_kl", "marginal_kl_lower",
+                      "total_correlation", "dimwise_kl")
+
+
+def _per_dim_marginals(table, z, log_p_dims, chunk, groups):
+    """Prefix sums (G, M, D) of log sum_j q(z_id | x_j) over the nested subsets, or (None, the reason)."""
+    if log_p_dims is None:
+        return None, (f"the prior {type(table.prior).__name__} does not factorise over dimensions with known "
+                      "one-dimensional marginals")
+    try:
+        per_group = logsumexp_log_q_per_dim(z, table, chunk_size=chunk, groups=groups)
+    except NotImplementedError as err:
+        return None, str(err)
+    return (torch.logcumsumexp(per_group, 0) if groups is not None else per_group[None]), None
+
+
+def _per_datapoint_terms(n, s, own, loo, log_p, log_q_dims_sum, log_p_dims):
+    """Per-datapoint terms (each datapoint's s samples averaged) of every estimate on a subset of n datapoints.
+
+    ``loo`` is log sum_{j != own, j in subset} q(z|x_j); the full mixture adds the own term back exactly.
+    Returns (terms by estimate name, meta: which upper end and the L1Out terms, per-dimension dimension-wise KL
+    terms or None).
+    """
+    def per_point(v):
+        return v.reshape(-1, s).mean(1).numpy()
+
+    log_q = torch.logaddexp(loo, own) - math.log(n)
+    log_q_loo = loo - math.log(n - 1)
+    rate_mc = per_point(own - log_p)
+    l1out = per_point(own - log_q_loo)
+    terms = {"entropy": per_point(-log_q), "mutual_information": per_point(own - log_q),
+             "marginal_kl": per_point(log_q - log_p), "rate_mc": rate_mc}
+    if l1out.mean() <= rate_mc.mean():
+        meta = {"mi_upper_from": "leave_one_out"}
+        terms["mutual_information_upper"], terms["marginal_kl_lower"] = l1out, rate_mc - l1out
+    else:  # the rate is the tighter upper end; the marginal KL's lower end is then KL >= 0
+        meta = {"mi_upper_from": "rate"}
+        terms["mutual_information_upper"], terms["marginal_kl_lower"] = rate_mc, np.zeros_like(rate_mc)
+    meta["l1out"] = l1out
+    per_dim = None
+    if log_q_dims_sum is not None:
+        log_q_dims = log_q_dims_sum - math.log(n)
+        terms["total_correlation"] = per_point(log_q - log_q_dims.sum(1))
+        dims = (log_q_dims - log_p_dims).reshape(-1, s, log_q_dims.shape[1]).mean(1).numpy()
+        terms["dimwise_kl"], per_dim = dims.sum(1), dims
+    return terms, meta, per_dim
+
+
+def _estimates(table, terms, meta, per_dim, settings, margin, conv):
+    """The Estimates of the full data set from its per-datapoint terms, with the bracket's notes and flags."""
+    n, log_n = table.n, settings["log_n"]
+    common = {"n": n, "unit": "nats", "settings": settings}
+    finite_n = (f"finite-N bias: the empirical aggregate posterior of N = {n} datapoints is lumpier than the "
+                "population one (MI biased low, marginal KL high against population values)")
+    stats = {k: mean_and_stderr(v) for k, v in terms.items()}
+    (mi, _), (mi_up, _) = stats["mutual_information"], stats["mutual_information_upper"]
+    (mkl_lo, _), (mkl, _) = stats["marginal_kl_lower"], stats["marginal_kl"]
+    from_rate = meta["mi_upper_from"] == "rate"
+    width = mi_up - mi
+    mi_bracket = {"bracket_lower": mi, "bracket_upper": mi_up, "bracket_width": width}
+    mkl_bracket = {"bracket_lower": mkl_lo, "bracket_upper": mkl, "bracket_width": mkl - mkl_lo}
+    wide = width > max(0.1, 0.1 * abs(mi_up))
+    bracket_note = (f"the bracket is wide ({width:.3f} nats between the ends): N = {n} is small against exp(MI); "
+                    "only the bracket is known -- use more datapoints to narrow it" if wide else None)
+    upper_from = ("the rate R on the same samples (I <= R, Alemi et al. 2018; smaller than the leave-one-out "
+                  f"bound {meta['l1out'].mean():.4f})" if from_rate else
+                  "leave-one-out (L1Out, Poole et al. 2019; the rate R is larger)")
+
+    mi_notes = [f"lower end of the MI bracket [{mi:.4f}, {mi_up:.4f}]: the full-data mixture (own component "
+                f"included), a lower bound in expectation, capped at log N = {log_n:.4f}", finite_n]
+    mi_flags = ["bound", "lower_bound"]
+    mkl_notes = [f"upper end of the marginal-KL bracket [{mkl_lo:.4f}, {mkl:.4f}]: rate minus the lower MI end",
+                 finite_n]
+    mkl_flags = ["bound", "upper_bound"]
     if log_n - mi < margin:
         mi_flags.append("saturated")
-        mi_notes.insert(0, f"saturated: within {log_n - mi:.3f} nats of log N = {log_n:.3f} (margin {margin}); "
-                           "a lower bound on the MI, not a value -- use more datapoints")
+        mi_notes.insert(0, f"saturated: within {log_n - mi:.3f} nats of log N = {log_n:.3f} (margin {margin}); a "
+                           "lower bound on the MI, not a value -- read the upper end, or use more datapoints")
         mkl_flags.append("saturated")
-        mkl_notes.insert(0, "MI is saturated at log N, so the marginal KL (rate minus MI) is overstated")
-    mkl_values = (log_q_agg - log_p).numpy()
-    mkl, mkl_se = mean_and_stderr(mkl_values)
-    ent, ent_se = mean_and_stderr(-log_q_agg.numpy())
-    rmc, rmc_se = mean_and_stderr((log_q_own - log_p).numpy())
-    rate_value, rate_se = mean_and_stderr(table.kl)
+        mkl_notes.insert(0, "the lower MI end is saturated at log N, so this upper end of the marginal KL is "
+                            "overstated: read the lower end (marginal_kl_lower)")
+    up_notes = [f"upper end of the MI bracket [{mi:.4f}, {mi_up:.4f}]: {upper_from}; an upper bound in "
+                "expectation, not capped at log N"]
+    lo_notes = [f"lower end of the marginal-KL bracket [{mkl_lo:.4f}, {mkl:.4f}]: rate minus the upper MI end"
+                + ("; exactly 0 (KL >= 0, no standard error) because the upper MI end is the rate" if from_rate
+                   else "")]
+    for notes in (mi_notes, mkl_notes, up_notes, lo_notes):
+        if bracket_note:
+            notes.append(bracket_note)
 
-    estimates = {
-        "entropy": Estimate(name="aggregate_entropy", value=ent, stderr=ent_se,
-                            estimator="-E log q(z), q(z) the mixture of all N posteriors", notes=(finite_n,),
-                            flags=("monte_carlo",), **common),
-        "mutual_information": Estimate(name="mutual_information", value=mi, stderr=mi_se,
-                                       estimator="index-code MI E[log q(z|x) - log q(z)] over the full data set "
-                                                 "(Hoffman & Johnson 2016)",
-                                       notes=tuple(mi_notes), flags=tuple(mi_flags + ["monte_carlo"]),
-                                       extra={"log_n": log_n, "gap_to_log_n": log_n - mi}, **common),
-        "marginal_kl": Estimate(name="marginal_kl", value=mkl, stderr=mkl_se,
-                                estimator="KL(q(z) || p(z)) = E[log q(z) - log p(z)] over the full data set",
-                                notes=tuple(mkl_notes), flags=tuple(mkl_flags + ["monte_carlo"]), **common),
-        "rate": Estimate(name="rate", value=rate_value, stderr=rate_se, n=table.n, unit="nats",
-                         estimator=f"E_x KL(q(z|x) || p(z)), {table.kl_method} from the encoder pass",
-                         settings={"kl": table.kl_method, **settings}, per_datapoint=table.kl),
-        "rate_mc": Estimate(name="rate_mc", value=rmc, stderr=rmc_se,
-                            estimator="E[log q(z|x) - log p(z)] on the same samples: exactly MI + marginal KL",
-                            flags=("monte_carlo",), **common),
+    def make(key, name, estimator, notes, flags, extra=None, **kw):
+        value, stderr = stats[key]
+        notes, flags = list(notes), list(flags)
+        extra = dict(extra or {})
+        if conv is not None and key in conv.values:
+            extra |= {"convergence_delta": conv.deltas[key], "convergence_delta_stderr": conv.delta_stderrs[key]}
+            if conv.note(key):
+                notes.insert(0, conv.note(key))
+                flags.append("not_converged")
+        return Estimate(name=name, value=value, stderr=stderr, estimator=estimator, notes=tuple(notes),
+                        flags=tuple(flags + ["monte_carlo"]), extra=extra, **common, **kw)
+
+    out = {
+        "entropy": make("entropy", "aggregate_entropy", "-E log q(z), q(z) the mixture of all N posteriors",
+                        [finite_n], []),
+        "mutual_information": make(
+            "mutual_information", "mutual_information", "index-code MI E[log q(z|x) - log q(z)] over the full "
+            "data set (Hoffman & Johnson 2016): the lower end", mi_notes, mi_flags,
+            {"log_n": log_n, "gap_to_log_n": log_n - mi, **mi_bracket}),
+        "mutual_information_upper": make(
+            "mutual_information_upper", "mutual_information_upper", "min(leave-one-out E[log q(z|x) - log "
+            "(1/(N-1)) sum_{j != i} q(z|x_j)] (Poole et al. 2019), rate) (Alemi et al. 2018): the upper end",
+            up_notes, ["bound", "upper_bound"], {"log_n": log_n, "l1out": float(meta["l1out"].mean()),
+                                                 **mi_bracket}),
+        "marginal_kl": make("marginal_kl", "marginal_kl", "KL(q(z) || p(z)) = E[log q(z) - log p(z)] over the full "
+                            "data set: the upper end", mkl_notes, mkl_flags, mkl_bracket),
+        "marginal_kl_lower": make("marginal_kl_lower", "marginal_kl_lower", "rate_mc - mutual_information_upper on "
+                                  "the same samples: the lower end", lo_notes, ["bound", "lower_bound"],
+                                  mkl_bracket),
+        "rate_mc": make("rate_mc", "rate_mc", "E[log q(z|x) - log p(z)] on the same samples: exactly MI + "
+                        "marginal KL at either end of the brackets", [], []),
     }
-    tc = dimwise = skipped = None
-    if decompose:
-        tc, dimwise, skipped = _decomposition(table, z, log_q_agg, log_p_dims, per_dim_chunk_size, common,
-                                              finite_n)
-    # a copy: the estimates above hold ``settings`` and must not see it change after they were made
-    overall = {**settings, "decomposition_skipped": skipped} if skipped else dict(settings)
-    return AggregatePosterior(total_correlation=tc, dimwise_kl=dimwise, settings=overall, **estimates)
-
-
-def _decomposition(table, z, log_q_agg, log_p_dims, chunk, common, finite_n):
-    reason = None
-    if log_p_dims is None:
-        reason = (f"the prior {type(table.prior).__name__} does not factorise over dimensions with known "
-                  "one-dimensional marginals")
-    if reason is None:
-        try:
-            log_q_dims = logsumexp_log_q_per_dim(z, table, chunk_size=chunk) - math.log(table.n)
-        except NotImplementedError as err:
-            reason = str(err)
-    if reason is not None:
-        return None, None, reason
-    tc_values = (log_q_agg - log_q_dims.sum(1)).numpy()
-    per_dim = (log_q_dims - log_p_dims).numpy()
-    tc, tc_se = mean_and_stderr(tc_values)
-    dw, dw_se = mean_and_stderr(per_dim.sum(1))
-    dims = {"dimwise_kl": per_dim.mean(0), "dimwise_kl_stderr": per_dim.std(0, ddof=1) / math.sqrt(per_dim.shape[0])}
-    tc_est = Estimate(name="total_correlation", value=tc, stderr=tc_se,
-                      estimator="E[log q(z) - sum_d log q(z_d)], full-data marginals (Chen et al. 2018)",
-                      notes=(finite_n,), flags=("monte_carlo",), **common)
-    dw_est = Estimate(name="dimwise_kl", value=dw, stderr=dw_se,
-                      estimator="sum_d KL(q(z_d) || p(z_d)), full-data marginals (Chen et al. 2018)",
-                      notes=(finite_n,), flags=("monte_carlo",), per_dimension=dims, **common)
-    return tc_est, dw_est, None
+    rate_value, rate_se = mean_and_stderr(table.kl)
+    out["rate"] = Estimate(name="rate", value=rate_value, stderr=rate_se, n=n, unit="nats",
+                           estimator=f"E_x KL(q(z|x) || p(z)), {table.kl_method} from the encoder pass",
+                           settings={"kl": table.kl_method, **settings}, per_datapoint=table.kl)
+    out["total_correlation"] = out["dimwise_kl"] = None
+    if per_dim is not None:
+        out["total_correlation"] = make(
+            "total_correlation", "total_correlation", "E[log q(z) - sum_d log q(z_d)], full-data marginals "
+            "(Chen et al. 2018)", [finite_n], [])
+        dims = {"dimwise_kl": per_dim.mean(0), "dimwise_kl_stderr": per_dim.std(0, ddof=1) / math.sqrt(n)}
+        out["dimwise_kl"] = make("dimwise_kl", "dimwise_kl", "sum_d KL(q(z_d) || p(z_d)), full-data marginals "
+                                 "(Chen et al. 2018)", [finite_n], [], per_dimension=dims)
+    return out
 
 
 def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = None, *, batch_size: int = 50,

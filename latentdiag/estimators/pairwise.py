@@ -16,7 +16,8 @@ _EXP_FLOOR = -700.0  # e^-700 ~ 1e-304: still a normal float64, and far below an
 
 
 def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1024,
-                    datapoints: tuple[int, int] | None = None) -> torch.Tensor:
+                    datapoints: tuple[int, int] | None = None, exclude: torch.Tensor | None = None,
+                    groups: torch.Tensor | None = None) -> torch.Tensor:
     """L_i = log sum_j q(z_i | x_j) over the datapoints j of ``table`` (or the range ``datapoints``), shape (M,).
 
     For diagonal Gaussians the quadratic form is a float64 matrix product over features [z^2, z]:
@@ -24,17 +25,53 @@ def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1
     w = 1 / s^2. float64 keeps the cancellation error ~1e-10 nats at s ~ 0.01 (float32 loses up to ~1 nat;
     TF32 is never used: the matmul runs on CPU in float64). Other families use their ``log_prob``. Blocks of
     ``chunk_size`` samples x ``chunk_size`` datapoints are reduced by streaming log-sum-exp.
+
+    ``exclude`` (M,) names one datapoint per sample whose term is left out of the sum (the sample's own
+    datapoint, for the leave-one-out mixture of Poole et al. 2019): it is set to -inf inside the block before the
+    reduction, never subtracted afterwards, so the remaining sum keeps full float64 accuracy however much the
+    own term dominated it. ``groups`` (N,) puts every datapoint in one of G groups (ids 0..G-1); the result is
+    then (G, M), one sum per group (the nested subsets of a convergence table are prefix sums of these). Every
+    block holds one group only on the matrix-product path, so each group's reduction is as exact as the whole.
     """
     start, stop = datapoints if datapoints is not None else (0, table.n)
     z = z.to(torch.float64)
-    out = torch.full((z.shape[0],), -math.inf, dtype=torch.float64)
+    n_groups = 1
+    if groups is not None:
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        if groups.shape != (table.n,) or (table.n and int(groups.min()) < 0):
+            raise ValueError(f"groups must hold one non-negative group id per datapoint, shape ({table.n},); got "
+                             f"shape {tuple(groups.shape)}.")
+        n_groups = int(groups.max()) + 1 if table.n else 1
+    if exclude is not None:
+        exclude = torch.as_tensor(exclude, dtype=torch.long)
+        if exclude.shape != (z.shape[0],):
+            raise ValueError(f"exclude must hold one datapoint index per sample, shape ({z.shape[0]},); got shape "
+                             f"{tuple(exclude.shape)}.")
+    out = torch.full((n_groups, z.shape[0]), -math.inf, dtype=torch.float64)
+    blocks = _datapoint_blocks(table, start, stop, chunk_size, groups)
     for i0 in range(0, z.shape[0], chunk_size):
-        acc = out[i0:i0 + chunk_size]
-        for j0, j1 in _datapoint_blocks(table, start, stop, chunk_size):
-            block = _block_log_q(z[i0:i0 + chunk_size], table, j0, j1)
-            acc = torch.logaddexp(acc, _logsumexp_rows(block))
-        out[i0:i0 + chunk_size] = acc
-    return out
+        i1 = min(i0 + chunk_size, z.shape[0])
+        acc = out[:, i0:i1].clone()
+        for cols in blocks:
+            block = _block_log_q(z[i0:i1], table, cols)
+            if exclude is not None:
+                _mask_own(block, exclude[i0:i1], cols)
+            if groups is None:
+                acc[0] = torch.logaddexp(acc[0], _logsumexp_rows(block))
+                continue
+            ids = groups[cols]
+            for g in torch.unique(ids).tolist():
+                part = block if bool((ids == g).all()) else block[:, ids == g]
+                acc[g] = torch.logaddexp(acc[g], _logsumexp_rows(part))
+        out[:, i0:i1] = acc
+    return out if groups is not None else out[0]
+
+
+def _mask_own(block: torch.Tensor, own: torch.Tensor, cols: torch.Tensor) -> None:
+    """Set block[r, c] = -inf where column c is row r's own datapoint (``cols`` sorted ascending)."""
+    pos = torch.searchsorted(cols, own).clamp_(max=cols.numel() - 1)
+    rows = (cols[pos] == own).nonzero().squeeze(1)
+    block[rows, pos[rows]] = -math.inf
 
 
 def _logsumexp_rows(block: torch.Tensor) -> torch.Tensor:
@@ -51,22 +88,28 @@ def _logsumexp_rows(block: torch.Tensor) -> torch.Tensor:
     return (top.squeeze(1) + torch.log(shifted.sum(dim=1))).masked_fill(empty.squeeze(1), -math.inf)
 
 
-def _datapoint_blocks(table: EncodedTable, start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
-    """Datapoint ranges: chunks for the matrix-product path; the encoder's batches (clipped) for the generic one,
-    so that each batch's ``log_prob`` is evaluated once per sample chunk."""
+def _datapoint_blocks(table: EncodedTable, start: int, stop: int, chunk: int,
+                      groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Column index blocks (sorted): chunks of one group each for the matrix-product path; the encoder's batches
+    (clipped) for the generic one, so that each batch's ``log_prob`` is evaluated once per sample chunk."""
     if table.family == "diag_normal":
-        return [(j0, min(j0 + chunk, stop)) for j0 in range(start, stop, chunk)]
+        if groups is None:
+            members = [torch.arange(start, stop)]
+        else:
+            ids = groups[start:stop]
+            members = [start + (ids == g).nonzero().squeeze(1) for g in torch.unique(ids).tolist()]
+        return [idx[k:k + chunk] for idx in members for k in range(0, idx.numel(), chunk)]
     bounds, lo = [], 0
     for q in table.batches:
         hi = lo + q.batch_shape[0]
         if max(lo, start) < min(hi, stop):
-            bounds.append((max(lo, start), min(hi, stop)))
+            bounds.append(torch.arange(max(lo, start), min(hi, stop)))
         lo = hi
     return bounds
 
 
 def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 32,
-                            block_elements: int = 1 << 17) -> torch.Tensor:
+                            block_elements: int = 1 << 17, groups: torch.Tensor | None = None) -> torch.Tensor:
     """L_id = log sum_j q(z_id | x_j) for every sample i and dimension d, shape (M, D).
 
     The per-dimension marginals of the beta-TCVAE decomposition. Not a matrix product: each of the M x N x D terms
@@ -80,31 +123,50 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
     every posterior, impossible for samples drawn from the table's own posteriors) are recomputed with an exact
     log-sum-exp. Blocks of ``chunk_size`` samples x J datapoints x D, with J such that a block holds about
     ``block_elements`` values, keep the temporary in cache.
+
+    ``groups`` (N,) as in :func:`logsumexp_log_q`: the result is then (G, M, D), one sum per group of datapoints
+    (each group is reduced over its own datapoints, and checked for clamped terms on its own).
     """
     loc, scale = _marginal_params(table)
     z = z.to(torch.float64)
-    m, d = z.shape
+    if groups is None:
+        return _per_dim_sums(z, loc, scale, scale.min(0).values, chunk_size, block_elements)
+    groups = torch.as_tensor(groups, dtype=torch.long)
+    if groups.shape != (table.n,):
+        raise ValueError(f"groups must hold one group id per datapoint, shape ({table.n},); got shape "
+                         f"{tuple(groups.shape)}.")
     s_min = scale.min(0).values
+    out = torch.full((int(groups.max()) + 1, *z.shape), -math.inf, dtype=torch.float64)
+    for g in torch.unique(groups).tolist():
+        idx = (groups == g).nonzero().squeeze(1)
+        out[g] = _per_dim_sums(z, loc[idx], scale[idx], s_min, chunk_size, block_elements)
+    return out
+
+
+def _per_dim_sums(z, loc, scale, s_min, chunk_size, block_elements):
+    """log sum_j N(z_id; loc_jd, scale_jd^2) over the rows j of loc/scale, (M, D); s_min <= every scale."""
+    m, d = z.shape
+    n = loc.shape[0]
     inv = math.sqrt(0.5) / scale                     # ((z - mu) / (sqrt(2) s))^2 = (z * inv - mu * inv)^2
     neg_shift = -loc * inv
     log_ratio = torch.log(s_min / scale)             # <= 0
     step = max(1, block_elements // (chunk_size * d))
-    buf = torch.empty(min(chunk_size, m) * min(step, table.n) * d, dtype=torch.float64)
+    buf = torch.empty(min(chunk_size, m) * min(step, n) * d, dtype=torch.float64)
     out = torch.empty(z.shape, dtype=torch.float64)
     for i0 in range(0, m, chunk_size):
         zi = z[i0:i0 + chunk_size, None, :]
         acc = torch.zeros(zi.shape[0], d, dtype=torch.float64)
-        for j0 in range(0, table.n, step):
-            j1 = min(j0 + step, table.n)
+        for j0 in range(0, n, step):
+            j1 = min(j0 + step, n)
             t = buf[:zi.shape[0] * (j1 - j0) * d].view(zi.shape[0], j1 - j0, d)
             torch.addcmul(neg_shift[None, j0:j1], zi, inv[None, j0:j1], out=t)      # (z - mu) / (sqrt(2) s)
             torch.addcmul(log_ratio[None, j0:j1], t, t, value=-1.0, out=t)         # log r - that^2
             acc += t.clamp_(min=_EXP_FLOOR).exp_().sum(1)
         out[i0:i0 + chunk_size] = acc.log()
-    # clamped terms add at most N e^-700; recompute rows where that exceeds e^-37 (~1e-16) of the sum
-    bad = (out < _EXP_FLOOR + math.log(table.n) + 37.0).any(1).nonzero().squeeze(1)
+    # clamped terms add at most n e^-700; recompute rows where that exceeds e^-37 (~1e-16) of the sum
+    bad = (out < _EXP_FLOOR + math.log(n) + 37.0).any(1).nonzero().squeeze(1)
     out += -torch.log(s_min) - 0.5 * _LOG_2PI
-    rows = max(1, block_elements // (table.n * d))
+    rows = max(1, block_elements // (n * d))
     for k in range(0, bad.numel(), rows):
         idx = bad[k:k + rows]
         out[idx] = torch.logsumexp(Normal(loc[None], scale[None]).log_prob(z[idx][:, None, :]), dim=1)
@@ -142,16 +204,16 @@ def _marginal_params(table: EncodedTable) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(locs), torch.cat(scales)
 
 
-def _block_log_q(z: torch.Tensor, table: EncodedTable, j0: int, j1: int) -> torch.Tensor:
-    """log q(z_i | x_j) for a block of samples and datapoints j0..j1-1, float64 (I, J)."""
+def _block_log_q(z: torch.Tensor, table: EncodedTable, cols: torch.Tensor) -> torch.Tensor:
+    """log q(z_i | x_j) for a block of samples and the datapoints ``cols`` (sorted), float64 (I, J)."""
     if table.family == "diag_normal":
-        loc, scale = table.loc[j0:j1], table.scale[j0:j1]
+        loc, scale = table.loc[cols], table.scale[cols]
         w = 1.0 / (scale * scale)
         feats = torch.cat([z * z, z], dim=1)                      # (I, 2D)
         coef = torch.cat([-0.5 * w, loc * w], dim=1)              # (J, 2D)
         const = -0.5 * (loc * loc * w).sum(1) - torch.log(scale).sum(1) - 0.5 * z.shape[1] * _LOG_2PI
         return feats @ coef.T + const[None, :]
-    return _generic_block(z, table, j0, j1)
+    return _generic_block(z, table, int(cols[0]), int(cols[-1]) + 1)
 
 
 def _generic_block(z: torch.Tensor, table: EncodedTable, j0: int, j1: int) -> torch.Tensor:
