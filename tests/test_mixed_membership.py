@@ -424,3 +424,23 @@ def test_weight_plot_and_trace_plot_return_figures(fit_mv, fit_uv):
     assert isinstance(plot_elbo_trace(fit_mv), Figure)
     with pytest.raises(ValueError, match="dimensions must be indices"):
         plot_component_weights(fit_uv, dimensions=[7])
+
+
+def test_a_fit_worse_than_the_prior_is_flagged_unsound(fit_mv):
+    # diagonal components cannot fit a strongly correlated prior: its own held-out score, E_p[log q_hat - log p]
+    # = -KL(p || q_hat), lies far below 0, which a sound lower bound cannot
+    from torch.distributions import MultivariateNormal
+
+    cov = torch.tensor([[1.0, 0.95], [0.95, 1.0]], dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov)
+    g = torch.Generator().manual_seed(0)
+    groups = {"prior": torch.randn(600, 2, generator=g, dtype=torch.float64) @ chol.T,
+              "model": torch.randn(600, 2, generator=g, dtype=torch.float64) @ chol.T + 0.5}
+    res = mixed_membership(groups, components=2, steps=300, prior=MultivariateNormal(torch.zeros(2,
+                           dtype=torch.float64), cov), device="cpu", seed=0)
+    kl = res.marginal_kl()
+    assert kl["prior"].value < -2 * kl["prior"].stderr
+    for est in kl.values():
+        assert "unsound" in est.flags and est.notes[0].startswith("unsound fit: group 'prior'")
+    # a sound fit (the prior group scores ~0) carries no such flag
+    assert all("unsound" not in e.flags for e in fit_mv.marginal_kl().values())

@@ -256,7 +256,7 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv):
     lo_notes = [f"lower end of the marginal-KL bracket [{mkl_lo:.4f}, {mkl:.4f}]: rate minus the upper MI end"
                 + ("; exactly 0 (KL >= 0, no standard error) because the upper MI end is the rate" if from_rate
                    else "")]
-    for notes in (mi_notes, mkl_notes, up_notes, lo_notes):
+    for notes in (mi_notes, mkl_notes):  # the two rows a reader knew before the bracket
         if bracket_note:
             notes.append(bracket_note)
 

@@ -14,6 +14,7 @@ import math
 import numbers
 import time
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,10 @@ class MixedMembership:
         the variational posterior (``posterior_mean``, ``posterior_q025``, ``posterior_q975`` likewise);
         ``stderr`` combines both, sqrt(mc_stderr^2 + posterior_std^2).
 
+        Soundness: a held-out lower bound on a KL cannot lie below 0 beyond its noise. When any group's estimate
+        (the prior group's own, which should be ~0, included) is below -2 standard errors, the fitted density is
+        worse than p(z) where that group lives, and every group's estimate is flagged ``unsound`` with the reason.
+
         Parameters
         ----------
         prior : Distribution or str, optional
@@ -191,7 +196,7 @@ class MixedMembership:
         cache = prior is self.prior and seed is not None     # to_frame and the plots reuse the default call
         if cache and key in self._cache:
             return self._cache[key]
-        out = {name: self._group_kl(name, prior, posterior_draws, seed) for name in self.groups}
+        out = _flag_unsound({name: self._group_kl(name, prior, posterior_draws, seed) for name in self.groups})
         if cache:
             self._cache[key] = out
         return out
@@ -319,6 +324,19 @@ class MixedMembership:
                                                        "seed", "device")}},
             notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=total.numpy(),
             per_dimension=per_dimension)
+
+
+def _flag_unsound(estimates: dict[str, Estimate], z: float = 2.0) -> dict[str, Estimate]:
+    """Flag every group's held-out lower bound ``unsound`` when any of them lies below -z standard errors."""
+    bad = [(g, e) for g, e in estimates.items() if "bound" in e.flags and e.value < -z * e.stderr]
+    if not bad:
+        return estimates
+    why = "; ".join(f"group {g!r} scores {e.value:.3f} ± {e.stderr:.3f} nats" for g, e in bad)
+    note = (f"unsound fit: {why}, below -{z:g} standard errors, which a lower bound on a KL (>= 0) cannot be "
+            "unless the fitted mixture is worse than p(z) there; every group's estimate is unreliable (try more "
+            "components, more SVI steps or more samples)")
+    return {g: dataclasses.replace(e, flags=(*e.flags, "unsound"), notes=(note, *e.notes))
+            for g, e in estimates.items()}
 
 
 # -- fitting ------------------------------------------------------------------------------------------------------

@@ -69,9 +69,12 @@ def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1
 
 def _mask_own(block: torch.Tensor, own: torch.Tensor, cols: torch.Tensor) -> None:
     """Set block[r, c] = -inf where column c is row r's own datapoint (``cols`` sorted ascending)."""
-    pos = torch.searchsorted(cols, own).clamp_(max=cols.numel() - 1)
-    rows = (cols[pos] == own).nonzero().squeeze(1)
-    block[rows, pos[rows]] = -math.inf
+    rows = ((own >= cols[0]) & (own <= cols[-1])).nonzero().squeeze(1)  # most blocks hold no own datapoint
+    if rows.numel() == 0:
+        return
+    pos = torch.searchsorted(cols, own[rows]).clamp_(max=cols.numel() - 1)
+    hit = cols[pos] == own[rows]
+    block[rows[hit], pos[hit]] = -math.inf
 
 
 def _logsumexp_rows(block: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The report's plots: rate-distortion plane, per-dimension KL and activity, aggregate-posterior histograms
-against the prior, IW-NLL against K. Each takes plain data (as stored in ``Report.plots``) and returns a Figure."""
+against the prior, IW-NLL against K, the rate split and the aggregate estimates against N. Each takes plain data (as stored in ``Report.plots``) and returns a Figure."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rate_distortion_plot", "per_dimension_plot", "histograms_plot", "iw_curve_plot"]
+__all__ = ["rate_distortion_plot", "per_dimension_plot", "histograms_plot", "iw_curve_plot", "rate_split_plot",
+           "convergence_plot"]
 
 
 def _figure(width: float = 6.0, height: float = 4.0):
@@ -98,4 +99,54 @@ def iw_curve_plot(curve: Mapping[str, Any]):
     ax.set_xlabel("importance samples K")
     ax.set_ylabel(f"IW-NLL bound ({curve.get('unit', 'nats')})")
     ax.set_title(f"IW-NLL against K (first {curve['n']} datapoints; K = 1 is -ELBO)")
+    return fig
+
+
+def rate_split_plot(split: Mapping[str, Any]):
+    """Two stacked bars of the same height, the rate on the same samples: MI lower end + marginal KL upper end,
+    and MI upper end + marginal KL lower end. Where the ends differ is what the data cannot yet tell apart."""
+    fig = _figure(6.0, 2.6)
+    ax = fig.add_subplot()
+    rows = [("MI upper + KL lower", split["mi_upper"], split["marginal_kl_lower"]),
+            ("MI lower + KL upper", split["mi_lower"], split["marginal_kl_upper"])]
+    for y, (label, mi, kl) in enumerate(rows):
+        ax.barh(y, mi, color="tab:blue", label="mutual information" if y == 0 else None)
+        ax.barh(y, kl, left=mi, color="tab:orange", label="marginal KL" if y == 0 else None)
+    ax.axvspan(split["mi_lower"], split["mi_upper"], color="0.5", alpha=0.25, label="MI bracket")
+    if split["log_n"] < 1.2 * split["rate_mc"]:
+        ax.axvline(split["log_n"], color="tab:red", ls="--", lw=1, label=f"log N = {split['log_n']:.2f}")
+    ax.set_yticks([0, 1], [r[0] for r in rows], fontsize=8)
+    ax.set_xlabel(f"nats (rate on the same samples = {split['rate_mc']:.3f})")
+    ax.set_title(f"rate = MI + marginal KL (N = {split['n']})")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+_CONVERGENCE_PANELS = (("mutual information", ("mutual_information", "mutual_information_upper")),
+                       ("marginal KL", ("marginal_kl", "marginal_kl_lower")),
+                       ("total correlation / dimension-wise KL", ("total_correlation", "dimwise_kl")))
+
+
+def convergence_plot(conv: Mapping[str, Any]):
+    """Each aggregate estimate against the number of datapoints N (log scale), with standard errors; the MI panel
+    has the log N ceiling. Estimates still moving at the largest N are marked "not converged" in the legend."""
+    n = np.asarray(conv["n"], dtype=float)
+    panels = [(t, [k for k in keys if k in conv["values"]]) for t, keys in _CONVERGENCE_PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig = _figure(3.6 * len(panels), 3.2)
+    moving = set(conv.get("not_converged", ()))
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in keys:
+            values = np.asarray([np.nan if v is None else v for v in conv["values"][key]], dtype=float)
+            errs = np.asarray([np.nan if v is None else v for v in conv["stderrs"][key]], dtype=float)
+            label = key.replace("_", " ") + (" (not converged)" if key in moving else "")
+            ax.errorbar(n, values, yerr=errs, fmt="o-", capsize=3, label=label)
+        if keys[0] == "mutual_information":
+            ax.plot(n, np.log(n), color="tab:red", ls="--", lw=1, label="log N (ceiling of the lower end)")
+        ax.set_xscale("log")
+        ax.set_xlabel("datapoints N")
+        ax.set_ylabel("nats")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
     return fig

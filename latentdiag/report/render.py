@@ -38,7 +38,10 @@ def render_table(results: Sequence[Estimate]) -> str:
                            f"min adjusted p = {r.extra['min_pvalue_bh']:.3g}")
         if "ess_median" in r.extra:
             derived.append(f"median ESS {r.extra['ess_median']:.1f} of k={r.settings.get('k')}")
-        derived += list(r.flags)
+        if "bracket_lower" in r.extra:
+            end = "lower" if "lower_bound" in r.flags else "upper"
+            derived.append(f"{end} bound: bracket {r.extra['bracket_lower']:.4f} .. {r.extra['bracket_upper']:.4f}")
+        derived += [f for f in r.flags if f not in ("lower_bound", "upper_bound")]
         rows.append((r.name, _fmt(r.value), _fmt_se(r.stderr), r.unit, str(r.n), "; ".join(derived)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -79,9 +82,19 @@ def render_report_json(report: Any) -> str:
     return json.dumps(report_document(report), indent=2, allow_nan=False)
 
 
+def rate_split_line(split: Mapping[str, Any]) -> str:
+    """The identity R = MI + marginal KL on the same samples, with both brackets, in one line."""
+    return (f"rate split (same samples, N = {split['n']}): rate {split['rate_mc']:.4f} = MI "
+            f"{split['mi_lower']:.4f} .. {split['mi_upper']:.4f} + marginal KL {split['marginal_kl_lower']:.4f} .. "
+            f"{split['marginal_kl_upper']:.4f} nats (lower .. upper bound; log N = {split['log_n']:.4f}; upper MI "
+            f"end from {split['mi_upper_from'].replace('_', '-')})")
+
+
 def render_report_table(report: Any) -> str:
-    """The terminal table, then the metrics skipped and why."""
+    """The terminal table, the rate split, then the metrics skipped and why."""
     text = render_table(report.results)
+    if "rate_split" in report.plots:
+        text += "\n\n" + rate_split_line(report.plots["rate_split"])
     if report.skipped:
         text += "\n\nskipped:\n" + "\n".join(f"- {name}: {why}" for name, why in report.skipped.items())
     return text
@@ -117,6 +130,8 @@ def render_markdown(report: Any) -> str:
     for r in report.results:
         lines.append(f"| {r.name} | {_fmt(r.value)} | {_fmt_se(r.stderr)} | {r.unit} | {r.n} | "
                      f"{'; '.join(r.flags).replace('|', '/')} |")
+    if "rate_split" in report.plots:
+        lines += ["", rate_split_line(report.plots["rate_split"])]
     if report.skipped:
         lines += ["", "Skipped:", *[f"- `{k}`: {v}" for k, v in report.skipped.items()]]
     notes = [f"- `{r.name}`: {note}" for r in report.results for note in r.notes]
@@ -146,6 +161,11 @@ def report_figures(report: Any) -> dict[str, Any]:
                 figs[title] = fn(source)
             except ValueError:  # e.g. a pixel map of sequence positions: that figure does not apply
                 continue
+    if "rate_split" in p:
+        figs["Rate split: rate = MI + marginal KL, at both ends of the bracket"] = plots.rate_split_plot(
+            p["rate_split"])
+    if "convergence" in p:
+        figs["Aggregate-posterior estimates against N (nested subsets)"] = plots.convergence_plot(p["convergence"])
     if "histograms" in p:
         figs["Aggregate posterior vs prior"] = plots.histograms_plot(p["histograms"])
     if "iw_curve" in p:
@@ -203,6 +223,8 @@ def render_html(report: Any, *, plots: bool = True) -> str:
                     f"<td>{esc(r.unit)}</td><td>{r.n}</td><td>{esc('; '.join(r.flags))}</td>"
                     f"<td class='est'>{esc(r.estimator)}</td></tr>")
     body.append("</table>")
+    if "rate_split" in report.plots:
+        body.append(f"<p><b>{esc(rate_split_line(report.plots['rate_split']))}</b></p>")
     notes = [f"<li><b>{esc(r.name)}</b>: {esc(n)}</li>" for r in report.results for n in r.notes]
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(notes) + "</ul>")

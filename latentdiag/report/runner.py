@@ -95,8 +95,16 @@ def _aggregate(ctx):
     from latentdiag.estimators import aggregate_posterior
 
     agg = aggregate_posterior(ctx.table(), seed=ctx.seed)
-    found = [agg.mutual_information, agg.marginal_kl, agg.total_correlation, agg.dimwise_kl]
-    plots: dict[str, Any] = {}
+    found = [agg.mutual_information, agg.mutual_information_upper, agg.marginal_kl, agg.marginal_kl_lower,
+             agg.total_correlation, agg.dimwise_kl]
+    plots: dict[str, Any] = {"rate_split": {
+        "rate_mc": agg.rate_mc.value, "rate_mc_stderr": agg.rate_mc.stderr, "rate": agg.rate.value,
+        "mi_lower": agg.mutual_information.value, "mi_upper": agg.mutual_information_upper.value,
+        "marginal_kl_lower": agg.marginal_kl_lower.value, "marginal_kl_upper": agg.marginal_kl.value,
+        "mi_upper_from": agg.settings["mi_upper_from"], "log_n": agg.settings["log_n"], "n": agg.settings[
+            "n_datapoints"]}}
+    if agg.convergence is not None:
+        plots["convergence"] = agg.convergence.to_dict()
     if agg.dimwise_kl is not None:
         plots["dimwise_kl"] = agg.dimwise_kl.per_dimension["dimwise_kl"].tolist()
     return [r for r in found if r is not None], plots
@@ -216,7 +224,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("elbo", "ELBO = -(distortion + rate)", _elbo),
     Metric("iw_nll", "importance-weighted NLL bound with --iw-samples", _iw_nll),
     Metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)", _iw_curve),
-    Metric("aggregate", "index-code MI, marginal KL, total correlation, dimension-wise KL", _aggregate),
+    Metric("aggregate", "the rate split: index-code MI and marginal KL as brackets (lower and upper ends), total "
+           "correlation, dimension-wise KL, and their convergence in N", _aggregate),
     Metric("active_units", "active units and per-dimension KL", _active_units),
     Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks),
     Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd),
