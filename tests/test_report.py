@@ -135,3 +135,34 @@ def test_training_callback_logs_and_restores_train_mode(mlp_and_data):
         assert frame.loc[0.0, "rate"] == frame.loc[2.0, "rate"]   # same model, same seed: same number
     finally:
         model.eval()
+
+
+def test_the_report_shows_the_rate_split_with_both_ends(mlp_and_data, tmp_path):
+    import latentdiag as ld
+    from latentdiag.report.check import evaluate_rules, load_report
+    from latentdiag.report.render import render_report_table
+
+    model, data = mlp_and_data
+    rep = run_report(model, data, metrics="aggregate", seed=2, device="cpu")
+    names = [r.name for r in rep.results]
+    assert names[:4] == ["mutual_information", "mutual_information_upper", "marginal_kl", "marginal_kl_lower"]
+    split = rep.plots["rate_split"]
+    # the identity on the same samples, at both ends
+    assert split["mi_lower"] + split["marginal_kl_upper"] == pytest.approx(split["rate_mc"], abs=1e-10)
+    assert split["mi_upper"] + split["marginal_kl_lower"] == pytest.approx(split["rate_mc"], abs=1e-10)
+    direct = ld.aggregate_posterior(ld.encode(model, data, seed=2, device="cpu"), seed=2)
+    assert rep.result("mutual_information_upper").value == direct.mutual_information_upper.value
+    assert rep.plots["convergence"]["n"][-1] == direct.settings["n_datapoints"]
+    table = render_report_table(rep)
+    assert "rate split (same samples" in table
+    assert "lower bound: bracket" in table and "upper bound: bracket" in table
+    html = render_html(rep)
+    assert "Rate split" in html and "against N" in html and "rate split (same samples" in html
+    assert "rate split (same samples" in render_markdown(rep)
+    # check rules can name both ends
+    path = tmp_path / "report.json"
+    path.write_text(render_report_json(rep))
+    doc = load_report(path)
+    outcomes = evaluate_rules(doc, ["mutual_information_upper<0", "marginal_kl_lower>1000"])
+    assert [o.passed for o in outcomes] == [True, True]
+    assert evaluate_rules(doc, ["marginal_kl_lower>=0"])[0].passed is False
