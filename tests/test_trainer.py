@@ -205,6 +205,7 @@ def test_evaluate_uses_the_estimators_consistently():
     assert out["test_iw_nll"] < out["test_rate"] + out["test_distortion"] + 3 * out["test_distortion_stderr"]
     assert out["test_mi"] <= out["test_rate"] + 4 * out["test_rate_stderr"] + 4 * out["test_mi_stderr"]
     assert out["test_mi"] <= out["test_log_n"] and out["test_n"] == 30
+    assert out["test_mi"] <= out["test_mi_upper"] and out["test_marginal_kl_lower"] <= out["test_marginal_kl_upper"]
 
 
 def test_hooks_see_the_model_after_each_epoch_and_extend_the_record():

@@ -212,8 +212,9 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
     ``test_neg_elbo_bpd`` = (R + D) / (d ln 2) per datapoint averaged (d = ``num_dims``), ``test_iw_nll`` and its
     bits/dim (:func:`latentdiag.iw_nll`, K = ``iw_samples``, when > 0), ``test_bpd`` = the tighter of the two
     bounds computed (IW when available) with ``test_bpd_bound`` naming it, and the index-code MI ``test_mi``
-    (:func:`latentdiag.aggregate_posterior` over :func:`latentdiag.encode`, flagged ``test_mi_saturated`` within
-    1 nat of log N).
+    (:func:`latentdiag.aggregate_posterior` over :func:`latentdiag.encode`, the bracket's lower end, flagged
+    ``test_mi_saturated`` within 1 nat of log N), with the upper end ``test_mi_upper`` and the marginal-KL bracket
+    ``test_marginal_kl_lower`` .. ``test_marginal_kl_upper``.
     """
     from latentdiag.estimators.aggregate import aggregate_posterior
     from latentdiag.estimators.encoded import encode
@@ -248,7 +249,7 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
         try:
             table = encode(model, x, batch_size=batch_size, seed=seed + 3)
             with torch.no_grad():  # a learned prior's log_prob would otherwise carry gradients
-                agg = aggregate_posterior(table, decompose=False, seed=seed + 4)
+                agg = aggregate_posterior(table, decompose=False, convergence=False, seed=seed + 4)
         except NotImplementedError as err:  # a prior the aggregate-posterior estimator cannot evaluate
             out.update({"test_mi": math.nan, "test_mi_stderr": math.nan, "test_mi_saturated": False,
                         "test_log_n": math.log(n),
@@ -257,6 +258,9 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
         mi = agg.mutual_information
         out["test_mi"], out["test_mi_stderr"] = mi.value, mi.stderr
         out["test_mi_saturated"] = "saturated" in mi.flags
+        out["test_mi_upper"] = agg.mutual_information_upper.value          # the other end of the MI bracket
+        out["test_marginal_kl_lower"] = agg.marginal_kl_lower.value
+        out["test_marginal_kl_upper"] = agg.marginal_kl.value
         out["test_log_n"] = mi.extra["log_n"]
     return out
 
