@@ -2,8 +2,9 @@
 """What the rate-split bracket and the convergence table cost on top of the full-set MI, in one run.
 
 On one synthetic diagonal-Gaussian encoded table (N datapoints, D dimensions, posterior scales 0.1-0.6; rebuilt
-from ``--seed``), timed alternately in this one process, ``--repeats`` times each (the minimum and the median are
-printed):
+from ``--seed``), timed alternately in this one process, ``--repeats`` rounds that time every method once each (the minimum and the median are printed; a
+ratio is the median over rounds of the two methods' times in the same round, so that load drift on a shared
+machine cancels):
 
 - ``mi``: the full-set MI as it was before the bracket: samples, the streamed pairwise log-sum-exp over all N
   datapoints (own term included), log p, the mean (Hoffman & Johnson 2016);
@@ -18,7 +19,7 @@ Goals (issue 13): bracket / mi <= 1.10 at N = 4,000, D = 32; the convergence tab
 estimate (bracket+convergence / bracket and decompose+convergence / decompose <= 2). The MI of ``mi`` must equal
 the lower end of ``bracket`` to 1e-9 nats (the same quantity, summed in another order).
 
-Run: ``python benchmarks/bench_rate_split.py`` (defaults, ~1 minute) or ``--quick``.
+Run: ``python benchmarks/bench_rate_split.py`` (defaults, ~2 minutes) or ``--quick``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4000, help="datapoints N (default 4000)")
     ap.add_argument("--d", type=int, default=32, help="latent dimension D (default 32)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls of each method (default 5)")
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds of all methods (default 15)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="N = 600, D = 8, 2 repeats: a smoke run")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:24s} {min(ts):8.3f} {statistics.median(ts):9.3f}")
 
     def ratio(a: str, b: str) -> float:
-        return min(times[a]) / min(times[b])
+        """Median of the per-round ratios: each round times both back to back, so load drift cancels."""
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     diff = abs(out["mi"] - out["bracket"].mutual_information.value)
     b = out["bracket"]
