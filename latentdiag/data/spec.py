@@ -10,7 +10,11 @@ spec                 meaning
 ``tensor:FILE``      a ``.pt`` file holding a tensor x or a dict {"x": ..., "y": ...} (weights-only load)
 ``npz:FILE``         a ``.npz`` file with arrays ``x`` and optionally ``y``
 ``topics``           the synthetic text corpus (:func:`latentdiag.data.synthetic_topics`; train 2,000 / test 500)
+``text:FILE``        a text file, one sentence per line; every 10th line is test (:func:`read_text_splits`)
+``text:TRAIN,TEST``  two text files, train and test, one sentence per line
 ===================  ==============================================================================
+
+Text is encoded with the training split's vocabulary, or with ``vocab`` when given (a trained model's).
 
 Further bundled names (e.g. a text corpus) register themselves with :func:`register_data`.
 """
@@ -31,7 +35,7 @@ from latentdiag.data.files import DataSplit, read_cifar10, read_mnist
 
 __all__ = ["load_spec", "register_data", "data_names", "FILE_KINDS"]
 
-FILE_KINDS: tuple[str, ...] = ("mnist", "cifar10", "tensor", "npz")
+FILE_KINDS: tuple[str, ...] = ("mnist", "cifar10", "tensor", "npz", "text")
 _EXTRA: dict[str, Callable[..., Any]] = {}
 
 
@@ -58,16 +62,30 @@ def _topics(split: str, **options: Any) -> Any:
 _EXTRA["topics"] = _topics
 
 
+def _text(spec: str, raw: str, split: str, vocab: Any, max_len: int | None) -> Any:
+    from latentdiag.data.text import read_text_splits
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split of {spec!r} must be 'train' or 'test'; got {split!r}.")
+    paths = [os.path.expanduser(p) for p in raw.split(",")] if raw else []
+    if not 1 <= len(paths) <= 2 or not all(paths):
+        raise ValueError(f"{spec!r} must be text:FILE or text:TRAIN,TEST (one sentence per line); got {raw!r}.")
+    return read_text_splits(*paths, vocab=vocab, **({} if max_len is None else {"max_len": max_len}))[split]
+
+
 def data_names() -> list[str]:
     """Bundled and registered data names that :func:`load_spec` accepts without a path."""
     return [*BUNDLED, *sorted(_EXTRA)]
 
 
-def load_spec(spec: str, split: str = "test", *, format: str | None = None) -> Any:
+def load_spec(spec: str, split: str = "test", *, format: str | None = None, vocab: Any = None,
+              max_len: int | None = None) -> Any:
     """Load the data named by ``spec`` (see the module docstring) for ``split``.
 
     ``format`` is the pixel format of image data (``"float"``, ``"levels"``, ``"binary"``; default ``"float"``);
-    it is ignored by ``tensor:`` and ``npz:`` files, which are taken as they are.
+    it is ignored by ``tensor:`` and ``npz:`` files, which are taken as they are. ``vocab`` (a
+    :class:`latentdiag.data.text.Vocabulary`) encodes ``text:`` files and ``max_len`` drops their longer
+    sentences (default 64 tokens); other data ignore both.
 
     Raises
     ------
@@ -93,6 +111,8 @@ def load_spec(spec: str, split: str = "test", *, format: str | None = None) -> A
         close = difflib.get_close_matches(kind, FILE_KINDS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"data kind {kind!r} in {spec!r} is not one of {', '.join(FILE_KINDS)}.{hint}")
+    if kind == "text":
+        return _text(spec, raw, split, vocab, max_len)
     path = Path(os.path.expanduser(raw))
     if kind == "mnist":
         return read_mnist(path, split, **options)

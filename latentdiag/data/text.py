@@ -29,7 +29,7 @@ import torch
 from latentdiag._validation import check_int
 
 __all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIALS", "TOPICS", "Vocabulary", "TextSplit", "tokenize",
-           "pad_sequences", "from_sentences", "read_text", "synthetic_sentences", "synthetic_topics",
+           "pad_sequences", "from_sentences", "read_text", "read_text_splits", "synthetic_sentences", "synthetic_topics",
            "synthetic_vocabulary"]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -235,17 +235,85 @@ def read_text(path: str | os.PathLike, *, vocab: Vocabulary | None = None, max_l
     Words are split with :func:`tokenize`; the vocabulary is built from the file (words seen at least
     ``min_count`` times; rarer ones become ``<unk>``) unless ``vocab`` is given. See :func:`from_sentences`.
     """
+    file, sentences = _read_lines(path, encoding)
+    return from_sentences(sentences, vocab=vocab, max_len=max_len, name=file.stem, min_count=min_count,
+                          lowercase=lowercase)
+
+
+def _read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[Path, list[str]]:
+    """The non-blank lines of a text file, stripped; clear errors for a missing, undecodable or empty file."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike naming a text file; got {type(path).__name__}.")
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"path must be an existing text file; got '{file}'.")
-    lines = [line.strip() for line in file.read_text(encoding=encoding).splitlines()]
-    sentences = [line for line in lines if line]
+    try:
+        text = file.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"'{file}' is not {encoding} text: byte {err.object[err.start:err.start + 1]!r} at offset "
+                         f"{err.start} cannot be decoded; save the file as {encoding.upper()} (one sentence per "
+                         "line).") from None
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
-        raise ValueError(f"'{file}' holds no sentence (every line is blank).")
-    return from_sentences(sentences, vocab=vocab, max_len=max_len, name=file.stem, min_count=min_count,
-                          lowercase=lowercase)
+        raise ValueError(f"'{file}' holds no sentence (the file is empty or every line is blank).")
+    return file, sentences
+
+
+#: A single text file is split by this rule: every ``TEST_EVERY``-th non-blank line (lines 10, 20, ...) is test.
+TEST_EVERY = 10
+
+
+def read_text_splits(train_path: str | os.PathLike, test_path: str | os.PathLike | None = None, *,
+                     vocab: Vocabulary | None = None, max_len: int = 64, min_count: int = 1,
+                     lowercase: bool = True, encoding: str = "utf-8") -> dict[str, TextSplit | dict]:
+    """Train and test splits of a user's text, one sentence per line, with the training vocabulary.
+
+    With one file, every ``TEST_EVERY``-th non-blank line (the 10th, 20th, ...) is the test split and the others
+    train; with two, the first file is train and the second test. Sentences of more than ``max_len`` tokens
+    (``<eos>`` included) are left out (counted in ``info["dropped_long"]``). The vocabulary is ``vocab`` (a
+    trained model's: then both splits are encoded with it) or built from the training lines only (words seen at
+    least ``min_count`` times); test words outside it become ``<unk>`` (counted in ``info["unknown_words"]``).
+
+    Returns
+    -------
+    dict
+        ``{"train": TextSplit, "test": TextSplit, "info": {...}}`` with the rule, the files, the counts.
+    """
+    max_len = check_int("max_len", max_len, minimum=2)
+    files = [_read_lines(train_path, encoding)]
+    if test_path is not None:
+        files.append(_read_lines(test_path, encoding))
+    if len(files) == 1:
+        file, lines = files[0]
+        parts = {"train": [s for i, s in enumerate(lines, 1) if i % TEST_EVERY],
+                 "test": [s for i, s in enumerate(lines, 1) if not i % TEST_EVERY]}
+        rule = f"one file: every {TEST_EVERY}th non-blank line is test, the others train"
+        names = {"train": file.stem, "test": file.stem}
+    else:
+        parts = {"train": files[0][1], "test": files[1][1]}
+        rule = "two files: the first is train, the second test"
+        names = {"train": files[0][0].stem, "test": files[1][0].stem}
+    if vocab is None:
+        vocab = Vocabulary.build(parts["train"], min_count=min_count, lowercase=lowercase)
+    out: dict[str, TextSplit | dict] = {}
+    info: dict[str, object] = {"rule": rule, "files": [str(f) for f, _ in files], "max_len": max_len,
+                               "vocabulary": len(vocab)}
+    for split, sentences in parts.items():
+        words = [tokenize(s, lowercase=vocab.lowercase) for s in sentences]
+        kept = [w for w in words if len(w) + 1 <= max_len]
+        info[f"dropped_long_{split}"] = len(words) - len(kept)
+        if not kept:
+            where = " and ".join(f"'{f}'" for f, _ in files)
+            why = (f"has no {split} sentence" if not words else
+                   f"has no {split} sentence of at most {max_len} tokens (<eos> included; the {len(words)} there "
+                   f"are all longer)")
+            raise ValueError(f"{where} {why}: need at least one per split ({rule}).")
+        info[f"unknown_words_{split}"] = sum(w not in vocab for ws in kept for w in ws)
+        info[f"tokens_{split}"] = sum(len(ws) + 1 for ws in kept)
+        out[split] = from_sentences([" ".join(ws) for ws in kept], vocab=vocab, name=names[split],
+                                    lowercase=vocab.lowercase)
+    out["info"] = info
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
                                    device=device, progress=progress)
     value, stderr = mean_and_stderr(cols["elbo"])
     exact = all(analytic)
-    extra = {"rate": float(cols["kl"].mean()), "distortion": float(cols["distortion"].mean())}
+    (rate_mean, rate_se), (dist_mean, dist_se) = mean_and_stderr(cols["kl"]), mean_and_stderr(cols["distortion"])
+    extra = {"rate": rate_mean, "rate_stderr": rate_se, "distortion": dist_mean, "distortion_stderr": dist_se}
     extra.update(per_dim_extras(-cols["elbo"], cols.get("dims"), prefix="negative_elbo_"))
     notes = ("a lower bound on log p(x): -ELBO is an upper bound on the NLL, not the NLL",)
     if not exact:

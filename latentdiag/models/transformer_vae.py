@@ -27,8 +27,9 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from latentdiag._validation import check_int
+from latentdiag.models.registry import register_model
 
-__all__ = ["TransformerVAE", "transformer_vae"]
+__all__ = ["TransformerVAE", "transformer_vae", "text_vae_config"]
 
 
 class _Block(nn.Module):
@@ -70,14 +71,19 @@ class TransformerVAE(nn.Module):
         Dropout in attention and residual paths (training only; estimators run in eval mode).
     embedding_injection, memory_injection : bool
         Which ways z reaches the decoder; attributes of the same names switch them later.
-    pad_index, bos_index : int
-        Ids of ``<pad>`` and ``<bos>`` (0 and 1 in :class:`latentdiag.data.text.Vocabulary`).
+    word_dropout : float
+        Probability that a decoder input token (not ``<bos>``, not padding) is replaced by ``<unk>`` during
+        training (Bowman et al. 2016, the thesis' Sec. 3.1): it weakens the decoder's reliance on the past so that
+        the code carries more. 0 (default) leaves the decoder input intact; estimators run in eval mode, where it
+        is always off.
+    pad_index, bos_index, unk_index : int
+        Ids of ``<pad>``, ``<bos>`` and ``<unk>`` (0, 1 and 3 in :class:`latentdiag.data.text.Vocabulary`).
     """
 
     def __init__(self, vocab_size: int, *, latent_dim: int = 16, d_model: int = 64, heads: int = 4,
                  ff_dim: int = 128, encoder_layers: int = 2, decoder_layers: int = 2, max_len: int = 64,
                  dropout: float = 0.0, embedding_injection: bool = True, memory_injection: bool = True,
-                 pad_index: int = 0, bos_index: int = 1):
+                 word_dropout: float = 0.0, pad_index: int = 0, bos_index: int = 1, unk_index: int = 3):
         super().__init__()
         self.vocab_size = check_int("vocab_size", vocab_size, minimum=2)
         self.latent_dim = check_int("latent_dim", latent_dim)
@@ -90,6 +96,10 @@ class TransformerVAE(nn.Module):
         self.max_len = check_int("max_len", max_len)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}.")
+        if not (isinstance(word_dropout, (int, float)) and 0.0 <= word_dropout < 1.0):
+            raise ValueError(f"word_dropout must be a number in [0, 1); got {word_dropout!r}.")
+        self.word_dropout = float(word_dropout)
+        self.unk_index = check_int("unk_index", unk_index, minimum=0)
         self.pad_index = check_int("pad_index", pad_index, minimum=0)
         self.bos_index = check_int("bos_index", bos_index, minimum=0)
         if max(self.pad_index, self.bos_index) >= self.vocab_size or self.pad_index == self.bos_index:
@@ -150,6 +160,10 @@ class TransformerVAE(nn.Module):
         flat_z = z.reshape(samples * batch, self.latent_dim).to(self.embed.weight.dtype)
         bos = torch.full((batch, 1), self.bos_index, dtype=x.dtype, device=x.device)
         inputs = torch.cat([bos, x[:, :-1]], dim=1)
+        if self.training and self.word_dropout > 0:
+            drop = torch.rand(inputs.shape, device=x.device) < self.word_dropout
+            drop[:, 0] = False                                   # <bos> stays
+            inputs = inputs.masked_fill(drop & (inputs != self.pad_index), self.unk_index)
         h = self.embed(inputs) * math.sqrt(self.d_model) + self.dec_pos(torch.arange(length, device=x.device))
         h = h.unsqueeze(0).expand(samples, batch, length, self.d_model).reshape(samples * batch, length, -1)
         if self.embedding_injection:
@@ -178,6 +192,30 @@ class TransformerVAE(nn.Module):
         """Tokens per datapoint, ``<eos>`` included, padding excluded: (B,) -- the denominator of perplexity."""
         return (self._check_tokens(x) != self.pad_index).sum(1)
 
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, *, max_len: int | None = None) -> torch.Tensor:
+        """Greedy decoding from codes z (B, D): at each position the most probable token given z and the tokens
+        chosen so far, until ``<eos>`` (or ``max_len`` tokens, default the model's). Returns ids (B, T) in the
+        data convention (each row ends in ``<eos>`` when one was chosen, then ``<pad>``)."""
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must have shape (B, {self.latent_dim}); got {tuple(z.shape)}.")
+        limit = self.max_len if max_len is None else min(check_int("max_len", max_len), self.max_len)
+        eos = getattr(self, "vocab", None)
+        eos_index = eos.eos_index if eos is not None else 2
+        batch = z.shape[0]
+        out = torch.full((batch, 0), self.pad_index, dtype=torch.long, device=z.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=z.device)
+        for t in range(limit):
+            probe = torch.cat([out, torch.full((batch, 1), eos_index, dtype=torch.long, device=z.device)], dim=1)
+            probe[:, 0] = torch.where(probe[:, 0] == self.pad_index, eos_index, probe[:, 0])
+            token = self.decoder_logits(probe, z[None])[0, :, t].argmax(-1)   # position t sees only out[:, :t]
+            token = torch.where(done, torch.full_like(token, self.pad_index), token)
+            out = torch.cat([out, token[:, None]], dim=1)
+            done |= token == eos_index
+            if bool(done.all()):
+                break
+        return out
+
     # -- helpers ----------------------------------------------------------------------------------------------
     def _check_tokens(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.is_floating_point() or x.is_complex():
@@ -194,23 +232,53 @@ class TransformerVAE(nn.Module):
         return x.long()
 
 
-def transformer_vae(vocab: Any, latent_dim: int = 16, *, seed: int = 0, **kwargs: Any) -> TransformerVAE:
-    """A :class:`TransformerVAE` for a vocabulary (a :class:`latentdiag.data.text.Vocabulary` or its size),
-    initialised from ``seed`` (the caller's random state is left untouched).
+@register_model("transformer_vae")
+def transformer_vae(vocab: Any, latent_dim: int = 16, *, seed: int = 0, lowercase: bool = True,
+                    **kwargs: Any) -> TransformerVAE:
+    """A :class:`TransformerVAE` for a vocabulary, initialised from ``seed`` (the caller's random state is left
+    untouched); registered as ``"transformer_vae"`` so that a checkpoint rebuilds it.
+
+    ``vocab`` is a :class:`latentdiag.data.text.Vocabulary`, its token list (plain strings, the four special
+    tokens first: what a checkpoint records, so that it loads weights-only), or just its size. With a vocabulary
+    or a token list the model keeps it as ``model.vocab`` (to encode and decode text) and uses its ``pad_index``,
+    ``bos_index`` and ``unk_index``.
 
     Keyword arguments go to :class:`TransformerVAE` (``d_model``, ``heads``, ``ff_dim``, ``encoder_layers``,
-    ``decoder_layers``, ``max_len``, ``dropout``, ``embedding_injection``, ``memory_injection``). With a
-    :class:`Vocabulary`, its ``pad_index`` and ``bos_index`` are used.
+    ``decoder_layers``, ``max_len``, ``dropout``, ``embedding_injection``, ``memory_injection``,
+    ``word_dropout``).
     """
+    from latentdiag.data.text import SPECIALS, Vocabulary
+
     seed = check_int("seed", seed, minimum=0)
+    vocabulary = None
     if isinstance(vocab, int) and not isinstance(vocab, bool):
         size = vocab
-    elif hasattr(vocab, "tokens") and hasattr(vocab, "pad_index"):
-        size = len(vocab)
-        kwargs.setdefault("pad_index", vocab.pad_index)
-        kwargs.setdefault("bos_index", vocab.bos_index)
+    elif isinstance(vocab, Vocabulary):
+        vocabulary = vocab
+    elif isinstance(vocab, (list, tuple)) and all(isinstance(t, str) for t in vocab):
+        if tuple(vocab[:len(SPECIALS)]) != tuple(SPECIALS):
+            raise ValueError(f"vocab as a token list must start with the special tokens {list(SPECIALS)}; got "
+                             f"{list(vocab[:len(SPECIALS)])}.")
+        vocabulary = Vocabulary(vocab[len(SPECIALS):], lowercase=lowercase)
     else:
-        raise TypeError(f"vocab must be a Vocabulary or an int (the vocabulary size); got {type(vocab).__name__}.")
+        raise TypeError("vocab must be a Vocabulary, its token list or an int (the vocabulary size); got "
+                        f"{type(vocab).__name__}.")
+    if vocabulary is not None:
+        size = len(vocabulary)
+        kwargs.setdefault("pad_index", vocabulary.pad_index)
+        kwargs.setdefault("bos_index", vocabulary.bos_index)
+        kwargs.setdefault("unk_index", vocabulary.unk_index)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return TransformerVAE(size, latent_dim=latent_dim, **kwargs)
+        model = TransformerVAE(size, latent_dim=latent_dim, **kwargs)
+    if vocabulary is not None:
+        model.vocab = vocabulary
+    return model
+
+
+def text_vae_config(vocab: Any, **kwargs: Any) -> dict[str, Any]:
+    """The registry configuration ``{"name": "transformer_vae", "kwargs": {...}}`` of a text VAE for ``vocab`` (a
+    :class:`latentdiag.data.text.Vocabulary`), with the vocabulary as a plain token list and options given as None
+    left to the builder's defaults."""
+    return {"name": "transformer_vae", "kwargs": {"vocab": list(vocab.tokens), "lowercase": bool(vocab.lowercase),
+                                                   **{k: v for k, v in kwargs.items() if v is not None}}}

@@ -10,6 +10,9 @@ R = rate = (1/B) sum_n KL_n, R_d = (1/B) sum_n KL_nd.
 - ``beta``: D + beta R (Higgins et al., "beta-VAE", 2017).
 - ``free_bits``: D + sum_d max(lambda, R_d) (Kingma et al., "Improved Variational Inference with Inverse
   Autoregressive Flow", 2016): a dimension whose batch-mean KL is below lambda nats gets no KL gradient.
+- ``free_bits_total``: D + max(lambda, R): free bits on the total rate (Chen et al., "Variational Lossy
+  Autoencoder", 2017, Sec. 4; the recipe of its flow-prior VLAE): no KL gradient while the batch-mean rate is below
+  lambda nats. Any prior (the KL may be a Monte Carlo estimate).
 - ``anneal``: D + beta(t) R with a linear warm-up beta(t) = b0 + (b1 - b0) min(1, t / T) (Bowman et al., 2016) or
   the cyclical schedule of Fu et al. (NAACL 2019): within each period T, beta rises linearly over the first
   ``ratio`` of the period and then stays at b1.
@@ -39,10 +42,11 @@ import torch
 from latentdiag._validation import check_choice, check_int, check_positive_float
 
 __all__ = ["OBJECTIVES", "BatchTerms", "Objective", "ObjectiveOutput", "Sync", "ELBO", "BetaVAE", "FreeBits",
+           "FreeBitsTotal",
            "KLAnnealing", "MinimumRate", "InfoVAE", "linear_schedule", "cyclical_schedule", "mmd_unbiased",
            "make_objective", "objective_from_config"]
 
-OBJECTIVES: tuple[str, ...] = ("elbo", "beta", "free_bits", "anneal", "min_rate", "infovae")
+OBJECTIVES: tuple[str, ...] = ("elbo", "beta", "free_bits", "free_bits_total", "anneal", "min_rate", "infovae")
 
 
 class Sync:
@@ -218,6 +222,25 @@ class FreeBits(Objective):
                                {"free_bits_active_dims": float(active.sum())})
 
 
+class FreeBitsTotal(Objective):
+    """D + max(lambda, R): no KL gradient while the batch-mean total rate R is below lambda nats (VLAE)."""
+
+    name = "free_bits_total"
+
+    def __init__(self, free_bits: float = 1.0):
+        self.free_bits = check_positive_float("free_bits", free_bits)
+
+    def params(self) -> dict[str, Any]:
+        return {"free_bits": self.free_bits}
+
+    def __call__(self, terms: BatchTerms, step: int) -> ObjectiveOutput:
+        rate = terms.global_mean(terms.kl)
+        out = self._weighted(terms, 1.0 if rate > self.free_bits else 0.0, {"free_bits_active": float(
+            rate > self.free_bits)})
+        out.value = out.distortion + max(self.free_bits, rate)
+        return out
+
+
 def linear_schedule(step: int, steps: int, start: float = 0.0, end: float = 1.0) -> float:
     """start + (end - start) min(1, step / steps): a linear warm-up over ``steps`` steps, then ``end``."""
     steps = check_int("steps", steps)
@@ -362,7 +385,8 @@ class InfoVAE(Objective):
         return out
 
 
-_CLASSES: dict[str, type[Objective]] = {"elbo": ELBO, "beta": BetaVAE, "free_bits": FreeBits, "anneal": KLAnnealing,
+_CLASSES: dict[str, type[Objective]] = {"elbo": ELBO, "beta": BetaVAE, "free_bits": FreeBits,
+                                        "free_bits_total": FreeBitsTotal, "anneal": KLAnnealing,
                                         "min_rate": MinimumRate, "infovae": InfoVAE}
 
 

@@ -208,9 +208,10 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
              batch_size: int = 256, seed: int = 0, max_points: int | None = None) -> dict[str, Any]:
     """Test-set monitoring through the library's estimators, as a flat dict of floats.
 
-    ``test_rate`` (:func:`latentdiag.rate`), ``test_distortion`` (:func:`latentdiag.distortion`, one sample),
-    ``test_neg_elbo_bpd`` = (R + D) / (d ln 2) per datapoint averaged (d = ``num_dims``), ``test_iw_nll`` and its
-    bits/dim (:func:`latentdiag.iw_nll`, K = ``iw_samples``, when > 0), ``test_bpd`` = the tighter of the two
+    ``test_rate``, ``test_distortion`` and ``test_neg_elbo_bpd`` from one :func:`latentdiag.elbo` pass (one sample
+    per datapoint, so R + D = -ELBO exactly), the bits/dim a ratio of sums, sum_n (R_n + D_n) / (ln 2 sum_n d_n)
+    (d_n = ``num_dims``: tokens for text, so bits per token), ``test_iw_nll`` and its bits/dim (and perplexity for
+    text) (:func:`latentdiag.iw_nll`, K = ``iw_samples``, when > 0), ``test_bpd`` = the tighter of the two
     bounds computed (IW when available) with ``test_bpd_bound`` naming it, and the index-code MI ``test_mi``
     (:func:`latentdiag.aggregate_posterior` over :func:`latentdiag.encode`, the bracket's lower end, flagged
     ``test_mi_saturated`` within 1 nat of log N), with the upper end ``test_mi_upper`` and the marginal-KL bracket
@@ -218,33 +219,29 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
     """
     from latentdiag.estimators.aggregate import aggregate_posterior
     from latentdiag.estimators.encoded import encode
-    from latentdiag.estimators.likelihood import distortion, iw_nll, rate
+    from latentdiag.estimators.likelihood import elbo, iw_nll
 
     x = _as_x(data, "data")
     if max_points is not None:
         x = x[:check_int("max_points", max_points, minimum=2)]
     iw_samples = check_int("iw_samples", iw_samples, minimum=0)
-    r = rate(model, x, batch_size=batch_size, seed=seed)
-    d = distortion(model, x, batch_size=batch_size, seed=seed + 1)
-    dims = model.num_dims(x[:1]) if callable(getattr(model, "num_dims", None)) else x[0].numel()
-    dims = float(dims) if not isinstance(dims, torch.Tensor) else float(dims.float().mean())
-    neg_elbo = r.per_datapoint + d.per_datapoint
-    n = neg_elbo.size
+    e = elbo(model, x, batch_size=batch_size, seed=seed)  # rate, distortion and -ELBO on the same samples
+    n = int(e.n)
+    per_dim = _bits_per_dim(model, x, -e.per_datapoint, e.extra, "negative_elbo_")
     out: dict[str, Any] = {
-        "test_rate": r.value, "test_rate_stderr": r.stderr, "test_distortion": d.value,
-        "test_distortion_stderr": d.stderr,
-        "test_neg_elbo_bpd": float(neg_elbo.mean() / (dims * _LN2)),
-        "test_neg_elbo_bpd_stderr": float(neg_elbo.std(ddof=1) / math.sqrt(n) / (dims * _LN2)) if n > 1 else math.nan,
-        "test_n": n,
+        "test_rate": e.extra["rate"], "test_rate_stderr": e.extra["rate_stderr"],
+        "test_distortion": e.extra["distortion"], "test_distortion_stderr": e.extra["distortion_stderr"],
+        "test_neg_elbo_bpd": per_dim[0], "test_neg_elbo_bpd_stderr": per_dim[1], "test_n": n,
     }
     out["test_bpd"], out["test_bpd_stderr"], out["test_bpd_bound"] = (out["test_neg_elbo_bpd"],
                                                                       out["test_neg_elbo_bpd_stderr"], "-ELBO")
     if iw_samples:
         nll = iw_nll(model, x, k=iw_samples, batch_size=batch_size, seed=seed + 2)
         out["test_iw_nll"], out["test_iw_nll_stderr"] = nll.value, nll.stderr
-        out["test_bpd"] = float(nll.value / (dims * _LN2))
-        out["test_bpd_stderr"] = float(nll.stderr / (dims * _LN2))
+        out["test_bpd"], out["test_bpd_stderr"] = _bits_per_dim(model, x, nll.per_datapoint, nll.extra, "")
         out["test_bpd_bound"] = f"IW k={iw_samples}"
+        if "perplexity" in nll.extra:
+            out["test_perplexity"] = nll.extra["perplexity"]
     if mutual_information:
         try:
             table = encode(model, x, batch_size=batch_size, seed=seed + 3)
@@ -275,6 +272,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
           data_info: Mapping[str, Any] | None = None, monitor_every: int = 1, iw_samples: int = 0,
           mutual_information: bool = True, monitor_batch_size: int = 256, max_monitor: int | None = None,
           sync_batchnorm: bool = True, distributed: bool | str = "auto", progress: bool = False,
+          clip_norm: float | None = None,
           callback: Callable[[dict[str, Any]], None] | None = None,
           hooks: Sequence[Callable[[nn.Module, int], Mapping[str, Any] | None]] = ()) -> TrainResult:
     """Train a VAE with Adam on an objective; monitor, checkpoint and resume.
@@ -327,6 +325,9 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
         ``"auto"``: join the process group when launched by torchrun (WORLD_SIZE > 1) or when one is initialised.
     progress : bool
         A progress bar over batches (rank 0).
+    clip_norm : float, optional
+        Clip the gradient norm to this value before each step (None: no clipping; text models train more stably
+        with 1.0). Recorded in the settings; a resumed run keeps it.
     callback : callable, optional
         Called on rank 0 with each epoch's record.
     hooks : sequence of callables
@@ -365,6 +366,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
                              f"{objective_from_config(objective).config()}.")
         batch_size, lr, seed, augment = (recorded["batch_size"], recorded["lr"], recorded["seed"],
                                          recorded["augment"])
+        clip_norm = recorded.get("clip_norm", clip_norm)
         objective = recorded["objective"]
         amp_dtype = amp_dtype or recorded.get("amp_dtype")
         model = ref.model
@@ -375,6 +377,8 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
     lr = check_positive_float("lr", lr if lr is not None else 3e-4)
     seed = check_int("seed", seed if seed is not None else 0, minimum=0)
     augment = check_choice("augment", augment if augment is not None else "none", AUGMENTATIONS)
+    if clip_norm is not None:
+        clip_norm = check_positive_float("clip_norm", clip_norm)
     amp_dtype = check_choice("amp_dtype", amp_dtype or "bfloat16", AMP_DTYPES)
     obj = objective_from_config(objective if objective is not None else "elbo")
     if state is not None:
@@ -423,7 +427,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
     settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment, "objective": obj.config(),
                 "amp": use_amp, "amp_dtype": amp_dtype if use_amp else None, "device": str(run_device),
                 "world_size": world, "epochs": epochs, "iw_samples": iw_samples,
-                "monitor_every": monitor_every, "max_monitor": max_monitor}
+                "monitor_every": monitor_every, "max_monitor": max_monitor, "clip_norm": clip_norm}
     latent_dim = _latent_dim(model, x_train)
     step_module: nn.Module = _Step(model)
     sync: Sync = Sync()
@@ -446,7 +450,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
             t0 = time.perf_counter()
             record, step = _epoch(step_module, model, obj, opt, scaler, x_train, batch_size, augment, data_gen,
                                   noise_gen, latent_dim, sync, world, rank, step, run_device, use_amp,
-                                  amp_dtype, progress and rank == 0, epoch, epochs)
+                                  amp_dtype, progress and rank == 0, epoch, epochs, clip_norm)
             if run_device.type == "cuda":
                 torch.cuda.synchronize(run_device)
             seconds = time.perf_counter() - t0
@@ -478,6 +482,29 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
     return TrainResult(model=model, history=history, checkpoint=ckpt_path, settings=settings, notes=tuple(notes))
 
 
+def _bits_per_dim(model: Any, x: torch.Tensor, nll: Any, extra: Mapping[str, float], prefix: str
+                  ) -> tuple[float, float]:
+    """Bits per dimension (per token for text) of per-datapoint NLLs as a ratio of sums, sum nll / (ln 2 sum d),
+    from an estimate's extras when the model offers ``num_dims``, else with d = the elements of one datapoint."""
+    if f"{prefix}bits_per_dim" in extra:
+        return extra[f"{prefix}bits_per_dim"], extra[f"{prefix}bits_per_dim_stderr"]
+    import numpy as np
+
+    from latentdiag.estimators._common import per_dim_extras
+
+    dims = np.full(len(nll), float(x[0].numel()))
+    got = per_dim_extras(np.asarray(nll, dtype=float), dims)
+    return got["bits_per_dim"], got["bits_per_dim_stderr"]
+
+
+def _dims_total(model: Any, x: torch.Tensor) -> float:
+    """The number of observed dimensions (tokens for text) of the rows of ``x``: sum of ``num_dims`` per row."""
+    from latentdiag.estimators._common import with_num_dims
+
+    dims = with_num_dims(model, x, {}).get("dims")
+    return float(dims.sum()) if dims is not None else float(x[0].numel() * x.shape[0])
+
+
 def _amp(amp: Any, device: torch.device, model: nn.Module) -> bool:
     if amp == "auto":
         return device.type == "cuda" and bool(getattr(model, "amp_safe", False))
@@ -502,7 +529,7 @@ def _shards(size: int, world: int) -> list[int]:
 
 
 def _epoch(step_module, model, obj, opt, scaler, x_train, batch_size, augment, data_gen, noise_gen, latent_dim,
-           sync, world, rank, step, device, use_amp, amp_dtype, progress, epoch, epochs):
+           sync, world, rank, step, device, use_amp, amp_dtype, progress, epoch, epochs, clip_norm=None):
     from tqdm.auto import tqdm
 
     model.train()
@@ -512,7 +539,7 @@ def _epoch(step_module, model, obj, opt, scaler, x_train, batch_size, augment, d
         raise ValueError(f"batch_size must be at least 2 per process; got {batch_size} for {world} process(es).")
     batches = [idx for idx in order.split(batch_size) if idx.numel() == batch_size]  # drop a ragged last batch
     sums: dict[str, float] = {}
-    seen = 0
+    seen, dims_seen = 0, 0.0
     autocast_dtype = torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16
     for idx in tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False):
         xb = x_train[idx]
@@ -533,23 +560,29 @@ def _epoch(step_module, model, obj, opt, scaler, x_train, batch_size, augment, d
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(out.backward).backward()
+            if clip_norm is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             scaler.step(opt)
             scaler.update()
         else:
             out.backward.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             opt.step()
         obj.after_step(out)
         step += 1
         seen += size
+        dims_seen += _dims_total(model, xb)
         for key, value in (("train_loss", out.value), ("train_neg_elbo", out.neg_elbo), ("train_rate", out.rate),
                            ("train_distortion", out.distortion), *out.extras.items()):
             sums[key] = sums.get(key, 0.0) + value * size
     if not seen:
         raise ValueError(f"no training batch: {n} datapoints is fewer than batch_size={batch_size}.")
-    dims = model.num_dims(x_train[:1]) if callable(getattr(model, "num_dims", None)) else x_train[0].numel()
     record: dict[str, Any] = {"epoch": epoch, "step": step}
     record.update({k: v / seen for k, v in sums.items()})
-    record["train_bpd"] = record["train_neg_elbo"] / (float(dims) * _LN2)
+    # a ratio of sums over the epoch's rows (total nats / total tokens), never one datapoint's length
+    record["train_bpd"] = sums["train_neg_elbo"] / (dims_seen * _LN2)
     record["_images"] = seen
     return record, step
 
@@ -579,8 +612,11 @@ def _prior_sampler(model: nn.Module, eps: torch.Tensor | None, device: torch.dev
 # -- bundled data and the reference models, for the command line ---------------------------------------------
 
 def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical",
-                       data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                       data_dir: str | os.PathLike | None = None, vocab: Any = None) -> dict[str, Any]:
     """Train and test splits in the data convention of a likelihood, with what the model needs to know.
+
+    Text (``"topics"``, ``"text:FILE"``, ``"text:TRAIN,TEST"``; see :func:`latentdiag.data.load_spec`) comes as
+    token-id splits with the training vocabulary (or ``vocab``, e.g. a resumed model's), ``"text": True``.
 
     Returns ``{"train", "test", "info", "input_shape", "levels", "augment"}``: ``"mnist5k"`` and ``"digits"``
     (bundled) as grey levels (``format="levels"``, stored as uint8; 256 and 17 levels) or binarised
@@ -589,7 +625,16 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
     """
     from latentdiag.data import DataSplit, digits, mnist5k, read_cifar10
 
-    data = check_choice("data", data, ("mnist5k", "digits", "cifar10"))
+    if isinstance(data, str) and (data == "topics" or data.startswith("text:")):
+        from latentdiag.data.spec import load_spec
+
+        train_split, test_split = (load_spec(data, s, vocab=vocab) for s in ("train", "test"))
+        if vocab is None and data == "topics":
+            vocab = train_split.vocab
+        return {"train": train_split, "test": test_split, "text": True, "augment": "none",
+                "info": {"name": data, "format": None, "kind": "text", "vocabulary": len(train_split.vocab),
+                         "train_sentences": len(train_split), "test_sentences": len(test_split)}}
+    data = check_choice("data", data, ("mnist5k", "digits", "cifar10", "topics", "text:PATH"))
     fmt = "binary" if likelihood == "bernoulli" else "levels"
     if data == "cifar10":
         if data_dir is None:
@@ -616,13 +661,21 @@ def train_reference(model: str = "lpvae_mnist", *, horizon: int | str = 1, laten
                     out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                     iw_samples: int = 0, max_monitor: int | None = None, progress: bool = False,
                     callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train a reference LPVAE / FPVAE on bundled or CIFAR-10 data (what ``latentdiag train`` runs).
+    """Train a reference model (what ``latentdiag train`` runs): an LPVAE / FPVAE on bundled or CIFAR-10 images, or
+    the Transformer VAE (``model="transformer_vae"``) on text (``data="topics"``, the default for it, or
+    ``"text:FILE"`` / ``"text:TRAIN,TEST"``).
 
-    Builds ``reference_config(model, horizon=..., ...)`` with the data's image shape and number of levels, loads the
-    data (:func:`load_training_data`), and calls :func:`train` with checkpoints to ``out``. When resuming, the
-    model and the data come from the checkpoint (``data`` may be omitted).
+    Images: builds ``reference_config(model, horizon=..., ...)`` with the data's image shape and number of levels.
+    Text: builds the registry configuration of a :class:`~latentdiag.models.TransformerVAE` for the training
+    vocabulary (recorded in the checkpoint as a plain token list), ``model_options`` being its keyword arguments
+    (``d_model``, ``heads``, ``ff_dim``, ``encoder_layers``, ``decoder_layers``, ``max_len``,
+    ``embedding_injection``, ``memory_injection``, ``word_dropout``, ``dropout``); text defaults are batch size 64,
+    learning rate 1e-3 and gradient clipping at norm 1.0. Loads the data (:func:`load_training_data`) and calls
+    :func:`train` with checkpoints to ``out``. When resuming, the model and the data come from the checkpoint
+    (``data`` may be omitted).
     """
     from latentdiag.models.lpvae import reference_config
+    from latentdiag.models.transformer_vae import text_vae_config
 
     if resume is not None:
         from latentdiag.adapters.loading import load_checkpoint
@@ -635,8 +688,21 @@ def train_reference(model: str = "lpvae_mnist", *, horizon: int | str = 1, laten
         name = data or recorded.get("name")
         if name is None:
             raise ValueError("resume: the checkpoint records no data set; pass data=...")
-        loaded = load_training_data(name, likelihood=kwargs.get("likelihood", "categorical"), data_dir=data_dir)
+        vocab = None
+        if (raw.get("model") or {}).get("name") == "transformer_vae":
+            from latentdiag.data.text import SPECIALS, Vocabulary
+
+            tokens = list(kwargs.get("vocab", []))
+            vocab = Vocabulary(tokens[len(SPECIALS):], lowercase=kwargs.get("lowercase", True))
+        loaded = load_training_data(name, likelihood=kwargs.get("likelihood", "categorical"), data_dir=data_dir,
+                                    vocab=vocab)
         config = None
+    elif model == "transformer_vae":
+        loaded = load_training_data(data or "topics")
+        options = dict(model_options or {})
+        options.setdefault("max_len", max(64, int(loaded["train"].x.shape[1]), int(loaded["test"].x.shape[1])))
+        config = text_vae_config(loaded["train"].vocab, latent_dim=latent_dim, **options)
+        batch_size, lr = batch_size or 64, lr or 1e-3
     else:
         name = data or ("cifar10" if model == "lpvae_cifar" else "mnist5k")
         likelihood = likelihood or ("logistic_mixture" if model == "lpvae_cifar" else "categorical")
@@ -645,7 +711,8 @@ def train_reference(model: str = "lpvae_mnist", *, horizon: int | str = 1, laten
                                   flow_steps=flow_steps, input_shape=loaded["input_shape"], levels=loaded["levels"],
                                   **dict(model_options or {}))
     augment = loaded["augment"] if resume is None and loaded["augment"] != "none" else None
+    clip = 1.0 if resume is None and loaded.get("text") else None
     return train(config, loaded["train"], test_data=loaded["test"], epochs=epochs, objective=objective,
                  batch_size=batch_size, lr=lr, seed=seed, device=device, amp=amp, augment=augment, checkpoint=out,
                  resume=resume, data_info=loaded["info"], iw_samples=iw_samples, max_monitor=max_monitor,
-                 progress=progress, callback=callback)
+                 progress=progress, callback=callback, clip_norm=clip)
