@@ -182,15 +182,27 @@ def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | No
             raise click.UsageError("--data is required: the checkpoint does not record what it was trained on.")
     if fmt is None and spec == trained_on.get("name"):
         fmt = trained_on.get("format")
+    vocab = getattr(loaded.model, "vocab", None)  # a text model encodes text files with its own vocabulary
     try:
-        data = load_spec(spec, split, format=fmt)
+        data = load_spec(spec, split, format=fmt, vocab=vocab,
+                         max_len=getattr(loaded.model, "max_len", None) if vocab is not None else None)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise click.UsageError(f"--data: {err}") from err
+    data_vocab = getattr(data, "vocab", None)
+    if vocab is not None and data_vocab is not None and tuple(data_vocab.tokens) != tuple(vocab.tokens):
+        raise click.UsageError(f"--data {spec!r}: its vocabulary ({len(data_vocab)} tokens) is not the one the model "
+                               f"was trained with ({len(vocab)} tokens), so token ids would mean other words; "
+                               "report on text:FILE (encoded with the model's vocabulary) or on the data it was "
+                               f"trained on ({trained_on.get('name')!r}).")
     if limit is not None:
         data = _head(data, limit)
     if spec.partition(":")[0] in ("tensor", "npz"):  # files are taken as stored: no split, no pixel format
         split, fmt = "as stored", "as stored"
-    return data, {"spec": spec, "split": split, "format": fmt, "n": len(data)}
+    info = {"spec": spec, "split": split, "format": fmt, "n": len(data)}
+    if data_vocab is not None:
+        info.update(vocabulary=len(data_vocab), tokens=int((data.x != data_vocab.pad_index).sum()),
+                    unknown_words=int((data.x == data_vocab.unk_index).sum()))
+    return data, info
 
 
 def _head(data: Any, n: int) -> Any:

@@ -1,4 +1,4 @@
-"""``latentdiag train``: train a reference LPVAE / FPVAE and write a checkpoint. Thin: parse, call
+"""``latentdiag train``: train a reference LPVAE / FPVAE or the Transformer text VAE and write a checkpoint. Thin: parse, call
 :func:`latentdiag.train.trainer.train_reference`, print one line per epoch, exit code.
 
 Exit codes: 0 ok, 2 usage error, 3 runtime error.
@@ -20,7 +20,7 @@ def _objective(name: str, beta: float | None, free_bits: float | None, anneal_sc
     params: dict[str, Any] = {"name": name}
     if name == "beta" and beta is not None:
         params["beta"] = beta
-    elif name == "free_bits" and free_bits is not None:
+    elif name in ("free_bits", "free_bits_total") and free_bits is not None:
         params["free_bits"] = free_bits
     elif name == "anneal":
         params.update(schedule=anneal_schedule, steps=anneal_steps, ratio=anneal_ratio)
@@ -32,20 +32,25 @@ def _objective(name: str, beta: float | None, free_bits: float | None, anneal_sc
     return params
 
 
-def _line(rec: dict[str, Any], epochs: int) -> str:
+def _line(rec: dict[str, Any], epochs: int, text: bool = False) -> str:
+    unit, speed = ("bits/token", "sentences/s") if text else ("bpd", "img/s")
     out = (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.3f}  -ELBO {rec['train_neg_elbo']:.3f} "
-           f"({rec['train_bpd']:.4f} bpd)  {rec['images_per_s']:.0f} img/s")
+           f"({rec['train_bpd']:.4f} {unit})  {rec['images_per_s']:.0f} {speed}")
     if "test_bpd" in rec:
-        out += (f" | test bpd {rec['test_bpd']:.4f} ({rec['test_bpd_bound']})  rate {rec['test_rate']:.3f}  "
+        out += (f" | test {unit} {rec['test_bpd']:.4f} ({rec['test_bpd_bound']})  rate {rec['test_rate']:.3f}  "
                 f"distortion {rec['test_distortion']:.3f}")
+        if "test_perplexity" in rec:
+            out += f"  perplexity {rec['test_perplexity']:.2f}"
     if "test_mi" in rec:
         out += f"  MI {rec['test_mi']:.3f}{' (saturated at log N)' if rec['test_mi_saturated'] else ''}"
     return out
 
 
 @click.command("train")
-@click.option("--model", "model_name", type=click.Choice(["lpvae_mnist", "lpvae_cifar"]), default="lpvae_mnist",
-              show_default=True, help="Reference architecture (Zhang et al. 2022, Section 5).")
+@click.option("--model", "model_name", type=click.Choice(["lpvae_mnist", "lpvae_cifar", "transformer_vae"]),
+              default="lpvae_mnist", show_default=True,
+              help="Reference architecture: the LPVAE / FPVAE (Zhang et al. 2022, Section 5) or the Transformer text "
+                   "VAE (the thesis; --data topics or text:FILE).")
 @click.option("--horizon", default="1", show_default=True,
               help="Dependency horizon h of the local PixelCNN (0 = plain VAE), or 'full' (FPVAE).")
 @click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="D (default 32 MNIST, 64 CIFAR).")
@@ -57,11 +62,11 @@ def _line(rec: dict[str, Any], epochs: int) -> str:
               help="Local window as one (2h+1) masked layer (default) or h stacked 3x3 layers.")
 @click.option("--channels", type=click.IntRange(min=2), default=None, help="PixelCNN width (256).")
 @click.option("--res-blocks", type=click.IntRange(min=0), default=None, help="PixelCNN residual blocks (5).")
-@click.option("--objective", type=click.Choice(["elbo", "beta", "free_bits", "anneal", "min_rate", "infovae"]),
-              default="elbo", show_default=True)
+@click.option("--objective", type=click.Choice(["elbo", "beta", "free_bits", "free_bits_total", "anneal", "min_rate",
+                                               "infovae"]), default="elbo", show_default=True)
 @click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=None, help="beta-VAE weight.")
 @click.option("--free-bits", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Free bits lambda, nats per latent dimension.")
+              help="Free bits lambda: nats per latent dimension (free_bits) or of the total rate (free_bits_total).")
 @click.option("--anneal-schedule", type=click.Choice(["linear", "cyclical"]), default="linear", show_default=True)
 @click.option("--anneal-steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Warm-up length (linear) or period (cyclical), in optimiser steps.")
@@ -77,8 +82,9 @@ def _line(rec: dict[str, Any], epochs: int) -> str:
               help="Total epochs (a resumed run continues up to this number).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Global batch size (100).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (3e-4).")
-@click.option("--data", "data_name", type=click.Choice(["mnist5k", "digits", "cifar10"]), default=None,
-              help="Training data (default mnist5k; cifar10 needs --data-dir).")
+@click.option("--data", "data_name", default=None, metavar="SPEC",
+              help="Training data: mnist5k (default for images), digits, cifar10 (needs --data-dir); for "
+                   "transformer_vae: topics (default), text:FILE (every 10th line is test) or text:TRAIN,TEST.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder holding cifar-10-batches-py.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -91,15 +97,28 @@ def _line(rec: dict[str, Any], epochs: int) -> str:
 @click.option("--iw-samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also monitor the IW-NLL with K samples (0: the -ELBO bound only).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--d-model", type=click.IntRange(min=2), default=None, help="transformer_vae: width (64).")
+@click.option("--heads", type=click.IntRange(min=1), default=None, help="transformer_vae: attention heads (4).")
+@click.option("--ff-dim", type=click.IntRange(min=1), default=None, help="transformer_vae: feed-forward width (128).")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="transformer_vae: encoder and decoder layers each (2).")
+@click.option("--max-len", type=click.IntRange(min=2), default=None,
+              help="transformer_vae: longest sentence in tokens, <eos> included (64); longer ones are left out.")
+@click.option("--injection", type=click.Choice(["both", "memory", "embedding"]), default=None,
+              help="transformer_vae: how z reaches the decoder (both).")
+@click.option("--word-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="transformer_vae: probability of replacing a decoder input word by <unk> in training (0).")
 def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str | None, prior: str,
           flow_steps: int | None, local_layer: str | None, channels: int | None, res_blocks: int | None,
           objective: str, beta: float | None, free_bits: float | None, anneal_schedule: str, anneal_steps: int,
           anneal_ratio: float, target_rate: float | None, multiplier_lr: float | None, mmd_weight: float | None,
           kl_weight: float | None, epochs: int, batch_size: int | None, lr: float | None, data_name: str | None,
           data_dir: str | None, device: str, seed: int | None, out: str | None, resume: str | None,
-          amp: bool | None, iw_samples: int, progress: bool | None) -> None:
-    """Train an LPVAE (local PixelCNN decoder of horizon h) or FPVAE and write a checkpoint that
-    `latentdiag report` can read."""
+          amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
+          ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
+          word_dropout: float | None) -> None:
+    """Train an LPVAE (local PixelCNN decoder of horizon h), an FPVAE or the Transformer text VAE and write a
+    checkpoint that `latentdiag report` can read without a factory."""
     from latentdiag.train.trainer import train_reference
 
     out = out or resume
@@ -107,8 +126,19 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
         raise click.UsageError("--out is required (the checkpoint file), unless --resume names one.")
     if progress is None:
         progress = sys.stderr.isatty()
-    options = {k: v for k, v in (("local_layer", local_layer), ("channels", channels), ("res_blocks", res_blocks))
-               if v is not None}
+    text_options = {"d_model": d_model, "heads": heads, "ff_dim": ff_dim, "encoder_layers": layers,
+                    "decoder_layers": layers, "max_len": max_len, "word_dropout": word_dropout}
+    if injection is not None:
+        text_options.update(embedding_injection=injection in ("both", "embedding"),
+                            memory_injection=injection in ("both", "memory"))
+    image_options = {"local_layer": local_layer, "channels": channels, "res_blocks": res_blocks}
+    text = model_name == "transformer_vae"
+    wrong = [f"--{k.replace('_', '-')}" for k, v in (image_options if text else {
+        "d_model": d_model, "heads": heads, "ff_dim": ff_dim, "layers": layers, "max_len": max_len,
+        "injection": injection, "word_dropout": word_dropout}).items() if v is not None]
+    if wrong and resume is None:
+        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to --model {model_name}.")
+    options = {k: v for k, v in (text_options if text else image_options).items() if v is not None}
     obj = None if resume and objective == "elbo" else _objective(
         objective, beta, free_bits, anneal_schedule, anneal_steps, anneal_ratio, target_rate, multiplier_lr,
         mmd_weight, kl_weight)
@@ -118,7 +148,7 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
                                  data_dir=data_dir, objective=obj, epochs=epochs, batch_size=batch_size, lr=lr,
                                  seed=seed, device=device, amp="auto" if amp is None else amp, out=out,
                                  resume=resume, iw_samples=iw_samples, progress=progress,
-                                 callback=lambda rec: click.echo(_line(rec, epochs)))
+                                 callback=lambda rec: click.echo(_line(rec, epochs, text)))
     except (ValueError, TypeError) as err:
         raise click.UsageError(str(err)) from err
     except (ArithmeticError, RuntimeError, OSError) as err:
@@ -127,6 +157,7 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     s = result.settings
-    click.echo(f"trained {model_name} (horizon {getattr(result.model, 'horizon', horizon)}) for "
+    what = model_name if text else f"{model_name} (horizon {getattr(result.model, 'horizon', horizon)})"
+    click.echo(f"trained {what} for "
                f"{len(result.history)} epoch(s) on {s['device']} (world size {s['world_size']}, "
                f"amp {'on' if s['amp'] else 'off'}); wrote {result.checkpoint}")

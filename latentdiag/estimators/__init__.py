@@ -8,7 +8,8 @@ from latentdiag.estimators.aggregate import (
     minibatch_mutual_information,
     per_dimension_kl,
 )
-from latentdiag.estimators.decoding import DecodingDivergence, PositionProfile, decoding_divergence, js_divergence
+from latentdiag.estimators.decoding import (DecodingDivergence, PositionProfile, decoded_examples, decoding_divergence,
+                                            js_divergence)
 from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.likelihood import LOW_ESS_FRACTION, distortion, elbo, iw_nll, rate
 from latentdiag.estimators.mixed_membership import MixedMembership, compare_aggregate_posteriors, mixed_membership
@@ -49,6 +50,7 @@ __all__ = [
     "active_units",
     "aggregate_posterior",
     "decoding_divergence",
+    "decoded_examples",
     "distortion",
     "elbo",
     "encode",

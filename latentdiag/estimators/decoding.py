@@ -31,7 +31,8 @@ from latentdiag.estimators._common import (
 )
 from latentdiag.results import Estimate
 
-__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "js_divergence", "METRICS"]
+__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoded_examples", "js_divergence",
+           "METRICS"]
 
 _LN2 = math.log(2.0)
 
@@ -488,3 +489,34 @@ def _binned_profile(values: np.ndarray, counted: np.ndarray, bins: np.ndarray, n
         dp = np.where(sel, values, 0.0).sum(1)[has] / per[has]
         means[k], errs[k] = mean_and_stderr(dp)
     return PositionProfile(mean=means, stderr=errs, count=counts)
+
+
+def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None = 0) -> dict[str, list[str]]:
+    """Text a person reads: the first ``n`` sentences of ``data`` next to greedy decodings of them from a posterior
+    code z ~ q(z|x) and from a prior code z ~ p(z) (models with ``generate(z)`` and a ``vocab``, e.g. the
+    :class:`~latentdiag.models.TransformerVAE`).
+
+    A model whose decoder uses the code rewrites each input from its posterior code (close to the input when the
+    code carries the sentence) and writes an unrelated sentence from a prior code; a collapsed one writes the same
+    sentence from both.
+    """
+    from latentdiag._runtime import mix_seed
+    from latentdiag.adapters.protocol import UnsupportedModelError
+
+    n = check_int("n", n)
+    vocab = getattr(model, "vocab", None)
+    if not callable(getattr(model, "generate", None)) or vocab is None:
+        raise UnsupportedModelError("decoded examples need a text model with generate(z) and a vocab")
+    x = next(iter(iter_batches(data, batch_size=n))).x[:n]
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
+    with evaluation(model), torch.no_grad():
+        q, p = model.encode(x.to(device)), model.prior()
+        eps = torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64)
+        z_post = (q.base_dist.loc + q.base_dist.scale * eps.to(q.base_dist.loc)) if hasattr(q, "base_dist") \
+            else q.sample()
+        z_prior = p.base_dist.loc + p.base_dist.scale * torch.randn(x.shape[0], q.event_shape[0], generator=gen,
+                                                                    dtype=torch.float64).to(p.base_dist.loc)
+        post, prior = model.generate(z_post), model.generate(z_prior)
+    return {"input": [vocab.decode(r) for r in x], "posterior": [vocab.decode(r) for r in post],
+            "prior": [vocab.decode(r) for r in prior]}

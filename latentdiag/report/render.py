@@ -24,13 +24,17 @@ def _fmt_se(value: float) -> str:
     return "-" if math.isnan(value) else _fmt(value)
 
 
-def render_table(results: Sequence[Estimate]) -> str:
-    """An aligned table: metric, value ± standard error, unit, n, and the flags and derived figures."""
+def render_table(results: Sequence[Estimate], *, per: str = "dimension") -> str:
+    """An aligned table: metric, value ± standard error, unit, n, and the flags and derived figures (bits per
+    ``per``: "dimension", or "token" for text, where the perplexity is shown too)."""
     rows = [("metric", "value", "± stderr", "unit", "n", "notes")]
     for r in results:
         derived = []
         if "bits_per_dim" in r.extra:
-            derived.append(f"{r.extra['bits_per_dim']:.4f} ± {r.extra['bits_per_dim_stderr']:.4f} bits/dim")
+            unit = "bits/token" if per == "token" else "bits/dim"
+            derived.append(f"{r.extra['bits_per_dim']:.4f} ± {r.extra['bits_per_dim_stderr']:.4f} {unit}")
+            if per == "token" and "perplexity" in r.extra:
+                derived.append(f"perplexity {r.extra['perplexity']:.2f}")
         if "pvalue" in r.extra:
             derived.append(f"p = {r.extra['pvalue']:.3g}")
         if "min_pvalue_bh" in r.extra:
@@ -90,11 +94,21 @@ def rate_split_line(split: Mapping[str, Any]) -> str:
             f"end from {split['mi_upper_from'].replace('_', '-')})")
 
 
+def text_samples_lines(samples: Mapping[str, Sequence[str]]) -> list[str]:
+    """Each input sentence with its greedy decodings from a posterior and a prior code."""
+    lines = ["decoded sentences (greedy; from a posterior code z ~ q(z|x) and a prior code z ~ p(z)):"]
+    for inp, post, prior in zip(samples["input"], samples["posterior"], samples["prior"]):
+        lines += [f"  input:     {inp}", f"  posterior: {post}", f"  prior:     {prior}", ""]
+    return lines[:-1]
+
+
 def render_report_table(report: Any) -> str:
-    """The terminal table, the rate split, then the metrics skipped and why."""
-    text = render_table(report.results)
+    """The terminal table, the rate split, decoded sentences (text), then the metrics skipped and why."""
+    text = render_table(report.results, per=report.provenance.get("observed_unit", "dimension"))
     if "rate_split" in report.plots:
         text += "\n\n" + rate_split_line(report.plots["rate_split"])
+    if "text_samples" in report.plots:
+        text += "\n\n" + "\n".join(text_samples_lines(report.plots["text_samples"]))
     if report.skipped:
         text += "\n\nskipped:\n" + "\n".join(f"- {name}: {why}" for name, why in report.skipped.items())
     return text
@@ -132,6 +146,8 @@ def render_markdown(report: Any) -> str:
                      f"{'; '.join(r.flags).replace('|', '/')} |")
     if "rate_split" in report.plots:
         lines += ["", rate_split_line(report.plots["rate_split"])]
+    if "text_samples" in report.plots:
+        lines += ["", "```text", *text_samples_lines(report.plots["text_samples"]), "```"]
     if report.skipped:
         lines += ["", "Skipped:", *[f"- `{k}`: {v}" for k, v in report.skipped.items()]]
     notes = [f"- `{r.name}`: {note}" for r in report.results for note in r.notes]
@@ -225,6 +241,12 @@ def render_html(report: Any, *, plots: bool = True) -> str:
     body.append("</table>")
     if "rate_split" in report.plots:
         body.append(f"<p><b>{esc(rate_split_line(report.plots['rate_split']))}</b></p>")
+    if "text_samples" in report.plots:
+        ts = report.plots["text_samples"]
+        body.append("<h2>Decoded sentences</h2><p>Greedy decodings from a posterior code z ~ q(z|x) and from a "
+                    "prior code z ~ p(z).</p><table><tr><th>input</th><th>from the posterior</th><th>from the prior"
+                    "</th></tr>" + "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td></tr>" for a, b, c
+                                           in zip(ts["input"], ts["posterior"], ts["prior"])) + "</table>")
     notes = [f"<li><b>{esc(r.name)}</b>: {esc(n)}</li>" for r in report.results for n in r.notes]
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(notes) + "</ul>")

@@ -164,6 +164,13 @@ def _decoding(ctx):
     return [res.js, res.accuracy_drop, res.mode_shift], plots
 
 
+def _text_samples(ctx):
+    """A few test sentences next to their greedy decodings from posterior and prior codes (text a person reads)."""
+    from latentdiag.estimators import decoded_examples
+
+    return [], {"text_samples": decoded_examples(ctx.model, ctx.data, seed=ctx.seed)}
+
+
 def _intrinsic_dimension(ctx):
     from latentdiag.estimators import extract_representations, intrinsic_dimension
 
@@ -238,6 +245,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "(slow: about half a minute)", _mixed_membership, default=False),
     Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
            _decoding, needs=("decoder_logits",)),
+    Metric("text_samples", "text models: test sentences and their greedy decodings from posterior and prior codes",
+           _text_samples, needs=("generate",)),
 ]}
 
 
@@ -346,6 +355,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     timings = {k: v for k, v in timings.items() if k not in skipped}
     prov = provenance(model, ctx.device, seed)
     prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed}
+    prov["observed_unit"] = "token" if getattr(data, "vocab", None) is not None else "dimension"
     prov.update(provenance_extra or {})
     return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov,
                   artifacts=ctx.artifacts)
