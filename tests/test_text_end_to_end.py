@@ -246,3 +246,15 @@ def test_train_report_check_from_the_command_line(tmp_path):
               cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["provenance"]["data"]["n"] == 4
+
+
+def test_a_text_run_resumes_to_the_same_weights(tmp_path):
+    opts = {k: v for k, v in SMALL.items() if k != "latent_dim"}
+    kwargs = dict(latent_dim=4, model_options=opts, max_monitor=20)
+    straight = train_reference("transformer_vae", epochs=2, out=tmp_path / "a.pt", **kwargs)
+    train_reference("transformer_vae", epochs=1, out=tmp_path / "b.pt", **kwargs)
+    resumed = train_reference("transformer_vae", epochs=2, resume=tmp_path / "b.pt", out=tmp_path / "b.pt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.settings["clip_norm"] == straight.settings["clip_norm"] == 1.0
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
