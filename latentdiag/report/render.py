@@ -35,6 +35,10 @@ def render_table(results: Sequence[Estimate], *, per: str = "dimension") -> str:
             derived.append(f"{r.extra['bits_per_dim']:.4f} ± {r.extra['bits_per_dim_stderr']:.4f} {unit}")
             if per == "token" and "perplexity" in r.extra:
                 derived.append(f"perplexity {r.extra['perplexity']:.2f}")
+        if "negative_elbo_bits_per_dim" in r.extra:
+            unit = "bits/token" if per == "token" else "bits/dim"
+            derived.append(f"-ELBO {r.extra['negative_elbo_bits_per_dim']:.4f} {unit}"
+                           + (f"; perplexity {r.extra['negative_elbo_perplexity']:.2f}" if per == "token" else ""))
         if "pvalue" in r.extra:
             derived.append(f"p = {r.extra['pvalue']:.3g}")
         if "min_pvalue_bh" in r.extra:
