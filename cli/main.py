@@ -370,7 +370,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
                    "(repeatable).")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="METRIC=ABS",
               help="Allowed regression per metric, absolute, in its unit; replaces the declared one (repeatable).")
-@click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [2].")
+@click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [3].")
 @click.option("--config", "config_dir", default=".", show_default=True, type=click.Path(),
               help="Folder (or file) whose pyproject.toml [tool.latentdiag.check] holds default rules.")
 @click.option("--junit", default=None, type=click.Path(dir_okay=False), help="Write JUnit XML here.")

@@ -212,8 +212,8 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
         ``name`` "mmd2", ``value`` MMD^2 (unit "squared kernel distance"; the unbiased statistic can be
         negative). ``stderr``: the first-order U-statistic standard error above for ``"quadratic"`` (the spread of
         the permutation statistics, ``extra`` "null_mean" and "null_std", is the null distribution's, not a
-        standard error), std(h)/sqrt(P) for ``"linear"``. ``extra``: "pvalue", "permutations", and "bandwidth" (one kernel) or "bandwidth_min",
-        "bandwidth_max" and "kernels" (several).
+        standard error), std(h)/sqrt(P) for ``"linear"``. ``extra``: "pvalue", "permutations", and "bandwidth"
+        (one kernel) or "bandwidth_min", "bandwidth_max" and "kernels" (several).
     """
     xs, ys = _as_samples("x", x), _as_samples("y", y)
     if xs.shape[1] != ys.shape[1]:
