@@ -151,6 +151,11 @@ def main(argv=None) -> int:
         improved = sorted({o["metric"] for r in runs[kind] for o in r["outcomes"] if o["verdict"] == "improved"})
         print(f"\n{kind}: exit codes {exits} (want {want} every time); failing {failing or '-'}; "
               f"improved {improved or '-'}")
+        for ref in dict.fromkeys(o["metric"] for r in runs[kind] for o in r["outcomes"]
+                                 if o["verdict"] in ("regressed", "improved")):
+            zs = [o["z_score"] for r in runs[kind] for o in r["outcomes"] if o["metric"] == ref and o["z_score"]]
+            if zs:
+                print(f"    {ref:34s} z = {min(zs):+.1f} .. {max(zs):+.1f} (allowed: {DEFAULT_Z:g} one-sided)")
     summary = {"args": vars(args), "distortion_rise": rise, "default_z": DEFAULT_Z, "machine": machine_line(),
                "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "outcomes"} for r in v] for k, v in runs.items()},
                "seconds": time.perf_counter() - start}
