@@ -374,10 +374,15 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
 @click.option("--fail-if", "fail_if", multiple=True, metavar="RULE",
               help='Fail when the condition holds, e.g. "rate<2.0" or "iw_nll.bits_per_dim>0.3" (repeatable).')
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),
-              help="A baseline report.json: fail on regressions beyond tolerance + z standard errors.")
+              help="A baseline report.json: fail when a gated number moved in its harmful direction by more than "
+                   "tolerance + z standard errors (default gated set: rate, elbo, iw_nll, mutual_information, "
+                   "marginal_kl, active_units and their bracket ends / bits per dim).")
+@click.option("--compare", "compare", multiple=True, metavar="METRIC[.KEY]",
+              help="Also compare this number with the baseline, e.g. distortion or ks_test.max_statistic "
+                   "(repeatable).")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="METRIC=ABS",
-              help="Allowed regression per metric, absolute, in its unit (repeatable).")
-@click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [2].")
+              help="Allowed regression per metric, absolute, in its unit; replaces the declared one (repeatable).")
+@click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [3].")
 @click.option("--config", "config_dir", default=".", show_default=True, type=click.Path(),
               help="Folder (or file) whose pyproject.toml [tool.latentdiag.check] holds default rules.")
 @click.option("--junit", default=None, type=click.Path(dir_okay=False), help="Write JUnit XML here.")
@@ -385,9 +390,9 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_model_options
 @_eval_options
-def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir, junit, nofail, fmt, factory,
-          trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples, seed, device, quiet, verbose,
-          no_progress):
+def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, config_dir, junit, nofail, fmt,
+          factory, trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples, seed, device, quiet,
+          verbose, no_progress):
     """Gate CI on a model's health: rules and baseline regressions. Exit 0 ok, 1 a rule failed, 2 usage error,
     3 runtime error (unloadable checkpoint, model error, non-finite metric), 4 nothing evaluated."""
     import json
@@ -405,6 +410,7 @@ def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir,
             raise click.UsageError(f"--config: {err}") from err
         rules = list(fail_if) or list(config.fail_if)
         base_path = baseline or config.baseline
+        named = list(compare) or list(config.compare)
         tol = dict(config.tolerances)
         for item in tolerances:
             name, sep, value = item.partition("=")
@@ -432,8 +438,8 @@ def check(checkpoint, report_path, fail_if, baseline, tolerances, z, config_dir,
         outcomes = gate.evaluate_rules(doc, parsed)
         if base_doc is not None:
             try:
-                outcomes += gate.compare_to_baseline(doc, base_doc, tolerances=tol, z=zz)
-            except ValueError as err:
+                outcomes += gate.compare_to_baseline(doc, base_doc, tolerances=tol, z=zz, compare=named)
+            except ValueError as err:  # a name no metric has, or a baseline it refuses (other schema or data)
                 raise click.UsageError(str(err)) from err
         if fmt == "json":
             click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, allow_nan=False))

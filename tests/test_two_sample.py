@@ -43,6 +43,14 @@ def _brute_mmd2_u(k: torch.Tensor, first: np.ndarray) -> float:
                  - 2 * kxy.sum() / (n * m))
 
 
+def _brute_first_order_se(k: torch.Tensor, n: int, kernels: int) -> float:
+    """First-order (Hoeffding) standard error of MMD^2_u, x = the first n points, from the full kernel."""
+    m = k.shape[0] - n
+    g_x = (k[:n, :n].sum(1) - kernels) / (n - 1) - k[:n, n:].mean(1)
+    g_y = (k[n:, n:].sum(1) - kernels) / (m - 1) - k[n:, :n].mean(1)
+    return math.sqrt(4 * float(g_x.var()) / n + 4 * float(g_y.var()) / m)
+
+
 def _samples(n, m, d=3, shift=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d, generator=g, dtype=torch.float64),
@@ -59,8 +67,10 @@ def test_mmd_quadratic_equals_brute_force(bandwidth):
         assert hs == [pytest.approx(float(np.median(pdist(torch.cat([x, y]).numpy()))), rel=1e-12)]
         assert res.extra["bandwidth"] == hs[0] and "median heuristic" in res.settings["bandwidth_rule"]
     first = np.arange(105) < 60
-    assert res.value == pytest.approx(_brute_mmd2_u(_kernel(torch.cat([x, y]), hs), first), abs=1e-10)
-    assert res.name == "mmd2" and res.n == 105 and math.isnan(res.stderr)
+    k = _kernel(torch.cat([x, y]), hs)
+    assert res.value == pytest.approx(_brute_mmd2_u(k, first), abs=1e-10)
+    assert res.stderr == pytest.approx(_brute_first_order_se(k, 60, len(hs)), rel=1e-9)
+    assert res.name == "mmd2" and res.n == 105
     assert res.settings["n"] == 60 and res.settings["m"] == 45
     assert any("not comparable across models or latent sizes" in note for note in res.notes)
 
@@ -255,7 +265,7 @@ def test_ks_no_rejection_when_the_aggregate_posterior_is_the_prior():
     assert res.settings["test"] == "one-sample against the prior CDF"
     assert res.value == 0 and res.unit == "dimensions" and res.n == 1500 and math.isnan(res.stderr)
     assert res.per_dimension["statistic"].max() < 0.05
-    assert set(res.per_dimension) == {"statistic", "pvalue", "pvalue_bh", "rejected"}
+    assert set(res.per_dimension) == {"statistic", "statistic_stderr", "pvalue", "pvalue_bh", "rejected"}
     # calibrated: BH keeps the chance of any rejection near alpha = 0.05 (expected 0.05, sd 0.034 over 40 runs);
     # raw p-values are uniform (mean 0.5, sd 0.023 over 160 values)
     rate, pvalues, _ = _ks_calibration(table)

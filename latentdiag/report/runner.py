@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
+from latentdiag.report.check import Gate
 from latentdiag.results import Estimate
 
-__all__ = ["Report", "Metric", "METRICS", "register_metric", "run_report", "resolve_metrics", "provenance"]
+__all__ = ["Report", "Metric", "Gate", "METRICS", "register_metric", "run_report", "resolve_metrics", "provenance",
+           "declared_gates"]
 
 
 @dataclass
@@ -49,13 +51,32 @@ class _Context:
 
 @dataclass(frozen=True)
 class Metric:
-    """A named group of estimates: ``run(ctx)`` returns (estimates, plot data as plain JSON-like values)."""
+    """A named group of estimates: ``run(ctx)`` returns (estimates, plot data as plain JSON-like values).
+
+    ``gates`` declares, next to the metric, how ``latentdiag check --baseline`` reads each number it makes: a
+    :class:`~latentdiag.report.check.Gate` (harmful direction, unit, tolerance, default membership, why) per
+    result name (``"rate"``) or derived scalar (``"iw_nll.bits_per_dim"``). The report records them in every
+    result of report.json; a declared result's unit must be the one its estimator reports.
+    """
 
     name: str
     description: str
     run: Callable[[_Context], tuple[list[Estimate], dict[str, Any]]]
     needs: tuple[str, ...] = ()
     default: bool = True
+    gates: Mapping[str, Gate] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not isinstance(self.gates, Mapping):
+            raise TypeError(f"Metric {self.name!r}: gates must be a dict of result name -> Gate; got "
+                            f"{type(self.gates).__name__}.")
+        for ref, gate in self.gates.items():
+            if not isinstance(ref, str) or re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?", ref) is None:
+                raise ValueError(f"Metric {self.name!r}: gates key {ref!r} must be a result name or name.key.")
+            if not isinstance(gate, Gate):
+                raise TypeError(f"Metric {self.name!r}: gates[{ref!r}] must be a Gate; got {type(gate).__name__}.")
 
 
 def _rate(ctx):
@@ -225,26 +246,76 @@ def _mixed_membership(ctx):
     return [est], {"mixed_membership_weights": mm.to_frame().reset_index().to_dict(orient="list")}
 
 
+_NATS_NLL = "a worse bound on log p(x)"
+_BITS = "bits/dim"
+
 METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("rate", "E KL(q(z|x) || p(z))", _rate),
-    Metric("distortion", "-E E_q log p(x|z)", _distortion),
-    Metric("elbo", "ELBO = -(distortion + rate)", _elbo),
-    Metric("iw_nll", "importance-weighted NLL bound with --iw-samples", _iw_nll),
+    Metric("rate", "E KL(q(z|x) || p(z))", _rate, gates={
+        "rate": Gate("down", "nats", default=True, why="the rate falling towards 0 is posterior collapse")}),
+    Metric("distortion", "-E E_q log p(x|z)", _distortion, gates={
+        "distortion": Gate("up", "nats", why="worse reconstructions"),
+        "distortion.bits_per_dim": Gate("up", _BITS, why="worse reconstructions")}),
+    Metric("elbo", "ELBO = -(distortion + rate)", _elbo, gates={
+        "elbo": Gate("down", "nats", default=True, why=f"-ELBO rising: {_NATS_NLL}"),
+        "elbo.negative_elbo_bits_per_dim": Gate("up", _BITS, default=True, why=f"-ELBO rising: {_NATS_NLL}")}),
+    Metric("iw_nll", "importance-weighted NLL bound with --iw-samples", _iw_nll, gates={
+        "iw_nll": Gate("up", "nats", default=True, why=_NATS_NLL),
+        "iw_nll.bits_per_dim": Gate("up", _BITS, default=True, why=_NATS_NLL),
+        "iw_nll.perplexity": Gate("up", "", why=_NATS_NLL)}),
     Metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)", _iw_curve),
     Metric("aggregate", "the rate split: index-code MI and marginal KL as brackets (lower and upper ends), total "
-           "correlation, dimension-wise KL, and their convergence in N", _aggregate),
-    Metric("active_units", "active units and per-dimension KL", _active_units),
-    Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks),
-    Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd),
+           "correlation, dimension-wise KL, and their convergence in N", _aggregate, gates={
+        "mutual_information": Gate("down", "nats", default=True,
+                                   why="the code tells less about the input (lower end of the MI bracket)"),
+        "mutual_information_upper": Gate("down", "nats", default=True,
+                                         why="the code tells less about the input (upper end of the MI bracket)"),
+        "marginal_kl": Gate("up", "nats", default=True,
+                            why="the aggregate posterior drifts from the prior: prior samples land where the "
+                                "decoder never saw codes (upper end of the marginal-KL bracket)"),
+        "marginal_kl_lower": Gate("up", "nats", default=True,
+                                  why="the aggregate posterior drifts from the prior (lower end of the "
+                                      "marginal-KL bracket)"),
+        "total_correlation": Gate("up", "nats", why="more dependence between latent dimensions"),
+        "dimwise_kl": Gate("up", "nats", why="per-dimension marginals drift from the prior")}),
+    Metric("active_units", "active units and per-dimension KL", _active_units, gates={
+        "active_units": Gate("down", "dimensions", tolerance=1.0, default=True,
+                             why="fewer latent dimensions in use; a count without standard error: a unit whose "
+                                 "activity sits at the threshold may flip, so one unit is tolerated")}),
+    Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks, gates={
+        "ks_test": Gate("up", "dimensions", tolerance=1.0,
+                        why="more dimensions whose marginal q(z_d) the test tells from p(z_d); a count without "
+                            "standard error: one dimension is tolerated"),
+        "ks_test.max_statistic": Gate("up", "", why="the largest per-dimension distance between q(z_d) and p(z_d) "
+                                                    "grows (bootstrap standard error)"),
+        "ks_test.min_pvalue_bh": Gate("none", "", why="a p-value is not an effect size: compare "
+                                                      "ks_test.max_statistic")}),
+    Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd, gates={
+        "mmd2_aggregate_vs_prior": Gate("up", "squared kernel distance",
+                                        why="q(z) moves away from p(z) (first-order U-statistic standard error; "
+                                            "the bandwidth follows the data, so compare like with like)"),
+        "mmd2_aggregate_vs_prior.pvalue": Gate("none", "", why="a p-value is not an effect size: compare "
+                                                               "mmd2_aggregate_vs_prior")}),
     Metric("histograms", "aggregate-posterior histograms against the prior (plot)", _histograms),
     Metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum",
-           _intrinsic_dimension),
-    Metric("conditional_entropy", "E_x H(q(z|x))", _conditional_entropy),
-    Metric("linear_probe", "linear SVM probe on posterior means (needs labels)", _linear_probe),
+           _intrinsic_dimension, gates={
+               "intrinsic_dimension": Gate("down", "dimensions", tolerance=1.0,
+                                           why="the posterior means span fewer directions; an integer summary: "
+                                               "one dimension is tolerated on top of its bootstrap spread")}),
+    Metric("conditional_entropy", "E_x H(q(z|x))", _conditional_entropy, gates={
+        "conditional_entropy": Gate("both", "nats", why="no harmful side of its own (wider posteriors, or "
+                                                        "sharper ones that overfit): read it with the rate")}),
+    Metric("linear_probe", "linear SVM probe on posterior means (needs labels)", _linear_probe, gates={
+        "linear_probe": Gate("down", "accuracy", why="the code separates the classes less well")}),
     Metric("mixed_membership", "Pyro mixed-membership model of q(z) and the prior: marginal-KL lower bound "
-           "(slow: about half a minute)", _mixed_membership, default=False),
+           "(slow: about half a minute)", _mixed_membership, default=False, gates={
+               "marginal_kl_mixed_membership": Gate("up", "nats", why="the aggregate posterior drifts from the "
+                                                                      "prior")}),
     Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
-           _decoding, needs=("decoder_logits",)),
+           _decoding, needs=("decoder_logits",), gates={
+               "decoding_js": Gate("down", "nats", why="the decoder's output depends less on the code (towards a "
+                                                       "decoder that ignores z)"),
+               "decoding_accuracy_drop": Gate("down", "fraction", why="the code helps the decoder less"),
+               "decoding_mode_shift": Gate("down", "fraction", why="the code changes the decoder's argmax less")}),
     Metric("text_samples", "text models: test sentences and their greedy decodings from posterior and prior codes",
            _text_samples, needs=("generate",)),
 ]}
@@ -260,6 +331,25 @@ def register_metric(metric: Metric) -> None:
 def _default_metrics() -> list[str]:
     return [name for name, m in METRICS.items() if m.default]
 
+
+def declared_gates() -> dict[str, tuple[str, Gate]]:
+    """Every gate the registered metrics declare: ``{result or result.key: (metric name, Gate)}``, in report
+    order. These are the names ``latentdiag check`` rules, ``--compare`` and ``--tolerance`` use."""
+    return {ref: (m.name, gate) for m in METRICS.values() for ref, gate in m.gates.items()}
+
+
+def _gates_of(metric: Metric, est: Estimate) -> dict[str, dict[str, Any]]:
+    """The declared gates of one estimate, as recorded in report.json: ``{"value" | extra key: gate dict}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for ref, gate in metric.gates.items():
+        name, _, key = ref.partition(".")
+        if name != est.name or (key and key not in est.extra):
+            continue
+        if not key and gate.unit != est.unit:
+            raise ValueError(f"metric {metric.name!r} declares {est.name} in {gate.unit!r}, but its estimator "
+                             f"reports {est.unit!r}: fix the declaration in its gates.")
+        out[key or "value"] = gate.to_dict()
+    return out
 
 
 def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
@@ -298,6 +388,7 @@ class Report:
     timings: dict[str, float]
     provenance: dict[str, Any]
     artifacts: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def result(self, name: str) -> Estimate | None:
         """The estimate called ``name``, or None."""
@@ -307,7 +398,8 @@ class Report:
         from latentdiag.report.render import SCHEMA_VERSION
 
         return {"schema_version": SCHEMA_VERSION, "provenance": self.provenance,
-                "results": [r.to_dict() for r in self.results], "skipped": dict(self.skipped),
+                "results": [{**r.to_dict(), "gates": self.gates.get(r.name, {})} for r in self.results],
+                "skipped": dict(self.skipped),
                 "timings_s": dict(self.timings), "plots": self.plots}
 
 
@@ -334,6 +426,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     skipped: dict[str, str] = {}
     plots: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    gates: dict[str, dict[str, Any]] = {}
     for name in names:
         metric = METRICS[name]
         missing = [cap for cap in metric.needs if not has_capability(model, cap)]
@@ -349,6 +442,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
         finally:
             timings[name] = time.perf_counter() - start
         results += found
+        gates.update({est.name: g for est in found if (g := _gates_of(metric, est))})
         plots.update(extra)
         if on_metric is not None:
             on_metric(name, timings[name])
@@ -358,7 +452,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     prov["observed_unit"] = "token" if getattr(data, "vocab", None) is not None else "dimension"
     prov.update(provenance_extra or {})
     return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov,
-                  artifacts=ctx.artifacts)
+                  artifacts=ctx.artifacts, gates=gates)
 
 
 def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:
