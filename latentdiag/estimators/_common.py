@@ -12,7 +12,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
-from latentdiag._validation import check_int
+from latentdiag._validation import check_int, check_seed
 from latentdiag.adapters.protocol import LatentVariableModel
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
@@ -48,8 +48,7 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
     """
     check_model_arg(model)
     batch_size = check_int("batch_size", batch_size)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
+    seed = check_seed("seed", seed, allow_none=True)
     run_device = resolve_device(device, model)
     if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
         raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "

@@ -12,7 +12,8 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from latentdiag._batching import DataLike
-from latentdiag._validation import check_int, check_positive_float
+from latentdiag.errors import InsufficientDataError
+from latentdiag._validation import check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
 from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
 from latentdiag.estimators.encoded import as_table
@@ -116,11 +117,12 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     """
     table = as_table(model_or_table, data, encode_kwargs)
     samples_per_point = check_int("samples_per_point", samples_per_point)
+    seed = check_seed("seed", seed, allow_none=True)
     margin = check_positive_float("saturation_margin", saturation_margin)
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
                                                                                     per_dim_chunk_size)
     if table.n < 2:
-        raise ValueError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end needs one "
+        raise InsufficientDataError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end needs one "
                          f"other); got {table.n}.")
     z, index, log_q_own = table.sample(samples_per_point, seed=seed)
     sizes, skipped_convergence = (table.n,), None
@@ -327,6 +329,7 @@ def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = No
     """
     table = as_table(model_or_table, data, encode_kwargs)
     batch_size = check_int("batch_size", batch_size, minimum=2)
+    seed = check_seed("seed", seed, allow_none=True)
     z, index, log_q_own = table.sample(check_int("samples_per_point", samples_per_point), seed=seed)
     values = torch.empty(z.shape[0], dtype=torch.float64)
     for start in range(0, table.n, batch_size):
@@ -358,7 +361,7 @@ def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold
     table = as_table(model_or_table, data, encode_kwargs)
     threshold = check_positive_float("threshold", threshold)
     if table.n < 2:
-        raise ValueError(f"active units need at least 2 datapoints; got {table.n}.")
+        raise InsufficientDataError(f"active units need at least 2 datapoints; got {table.n}.")
     activity = table.means.var(0, correction=1).numpy()
     active = activity > threshold
     return Estimate(name="active_units", value=float(active.sum()), stderr=float("nan"), n=table.n,

@@ -73,6 +73,10 @@ class EncodedTable:
         samples of datapoint 0 first), the datapoint index of each sample, and log q(z | x_index) of each sample.
         """
         samples_per_point = check_int("samples_per_point", samples_per_point)
+        if seed is not None:  # estimators pass derived per-stream seeds (< 2**62) here: wider than check_seed's
+            seed = check_int("seed", seed, minimum=0)
+            if seed >= 2 ** 63:
+                raise ValueError(f"seed must be an integer in 0..2**63 - 1; got {seed} (never wrapped).")
         gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
         s, d = samples_per_point, self.latent_dim
         index = torch.arange(self.n).repeat_interleave(s)

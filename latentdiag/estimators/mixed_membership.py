@@ -446,8 +446,9 @@ def mixed_membership(groups: Mapping[str, Any], *, mode: str = "multivariate", c
     window = check_int("window", window)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, minimum=2)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
+    from latentdiag._validation import check_seed
+
+    seed = check_seed("seed", seed, allow_none=True)
     if not isinstance(merge, bool):
         raise TypeError(f"merge must be a bool; got {type(merge).__name__} {merge!r}.")
     if prior is not None:

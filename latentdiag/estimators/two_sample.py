@@ -223,7 +223,9 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     least = 2 if estimator == "quadratic" else 4
     for name, a in (("x", xs), ("y", ys)):
         if a.shape[0] < least:
-            raise ValueError(f"{name} must hold at least {least} samples for the {estimator} estimator; got "
+            from latentdiag.errors import InsufficientDataError
+
+            raise InsufficientDataError(f"{name} must hold at least {least} samples for the {estimator} estimator; got "
                              f"{a.shape[0]}.")
     bandwidths = _check_bandwidth(bandwidth)
     permutations = check_int("permutations", permutations)
@@ -520,7 +522,9 @@ def _check_level(name: str, value: Any) -> float:
 
 
 def _check_seed(seed: Any) -> int | None:
-    return None if seed is None else check_int("seed", seed, minimum=0)
+    from latentdiag._validation import check_seed
+
+    return check_seed("seed", seed, allow_none=True)
 
 
 def _check_table(table: Any) -> None:

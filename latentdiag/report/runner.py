@@ -222,9 +222,22 @@ def _linear_probe(ctx):
         raise UnsupportedModelError("the data carry no class labels (or only one class)")
     from sklearn.model_selection import train_test_split
 
+    from latentdiag.errors import InsufficientDataError
+
     reps = extract_representations(table, kind="map").values
     labels = table.labels.numpy()
-    train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2:
+        few = ", ".join(f"class {c!r}: {k}" for c, k in zip(classes.tolist(), counts.tolist()) if k < 2)
+        raise InsufficientDataError(
+            f"the linear probe splits the data into class-stratified halves and needs at least 2 datapoints of "
+            f"every class; {len(classes)} classes in {table.n} datapoints, too few in {few[:200]} (evaluate more "
+            "data, e.g. a larger --limit)")
+    try:
+        train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+    except ValueError as err:  # e.g. fewer datapoints in a half than classes
+        raise InsufficientDataError(f"the linear probe cannot split {table.n} datapoints of {len(classes)} classes "
+                                    f"into class-stratified halves: {err}") from err
     res = linear_probe(reps[train], labels[train], reps[test], labels[test], seed=ctx.seed)
     est = res.to_estimate()
     half = "trained on a seeded, class-stratified half of the evaluated data, tested on the other half"
@@ -411,15 +424,18 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
 
     A metric that needs a capability the model lacks, or whose estimator rejects the model
     (:class:`latentdiag.UnsupportedModelError` or NotImplementedError: e.g. per-dimension KL of a
-    non-factorised posterior), is skipped with the reason. Other errors propagate: a model that fails is a
+    non-factorised posterior), is skipped with the reason; so is a metric that cannot run on these data
+    (:class:`latentdiag.errors.InsufficientDataError`: e.g. a linear probe with a class of one datapoint, a PCA of
+    one vector), whose reason starts "too few data:". Other errors propagate: a model that fails is a
     runtime error, not a skipped metric. ``device`` defaults to the model's; the model is not moved (estimators
     refuse a device the model is not on).
     """
     from latentdiag._runtime import resolve_device
-    from latentdiag._validation import check_int
+    from latentdiag._validation import check_int, check_seed
+    from latentdiag.errors import InsufficientDataError
 
     names = resolve_metrics(metrics)
-    seed, iw_samples = check_int("seed", seed, minimum=0), check_int("iw_samples", iw_samples)
+    seed, iw_samples = check_seed("seed", seed), check_int("iw_samples", iw_samples)
     ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
                    iw_samples=iw_samples)
     results: list[Estimate] = []
@@ -438,6 +454,9 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
             found, extra = metric.run(ctx)
         except (UnsupportedModelError, NotImplementedError) as err:
             skipped[name] = str(err)
+            continue
+        except InsufficientDataError as err:  # too few / unbalanced data for this metric: the others still run
+            skipped[name] = f"too few data: {err}"
             continue
         finally:
             timings[name] = time.perf_counter() - start
