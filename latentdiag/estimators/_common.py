@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,7 +14,8 @@ from torch.distributions import Distribution, kl_divergence
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
 from latentdiag._validation import check_int, check_seed
-from latentdiag.adapters.protocol import LatentVariableModel
+from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
+from latentdiag.errors import ProtocolViolationError
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
@@ -120,12 +122,17 @@ def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribut
     if not isinstance(q, Distribution) or tuple(q.batch_shape) != (batch,) or len(q.event_shape) != 1:
         got = (f"batch_shape {tuple(q.batch_shape)} and event_shape {tuple(q.event_shape)}"
                if isinstance(q, Distribution) else type(q).__name__)
-        raise ValueError(f"model.encode(x) must return a Distribution with batch_shape ({batch},) and event_shape "
-                         f"(D,) for a batch of {batch}; got {got}. Run latentdiag.check_model(model, x) for details.")
+        raise ProtocolViolationError(
+            f"model.encode(x) must return a Distribution with batch_shape ({batch},) and event_shape (D,) for a "
+            f"batch of {batch}; got {got}. Run latentdiag.check_model(model, x) for details.")
     if not isinstance(p, Distribution) or tuple(p.event_shape) != tuple(q.event_shape):
         got = f"event_shape {tuple(p.event_shape)}" if isinstance(p, Distribution) else type(p).__name__
-        raise ValueError(f"model.prior() must return a Distribution with event_shape {tuple(q.event_shape)}; got "
-                         f"{got}.")
+        raise ProtocolViolationError(f"model.prior() must return a Distribution with event_shape "
+                                     f"{tuple(q.event_shape)}; got {got}.")
+    require_scalar_prior(p, int(q.event_shape[0]))
+    # one vectorised test per parameter, one host sync: a negative scale (validate_args=False) is never a number
+    require_valid_distribution(q, "encode(x)")
+    require_valid_distribution(p, "prior()")
     return q, p
 
 
@@ -149,9 +156,22 @@ def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor])
         return columns
     dims = fn(x)
     if isinstance(dims, torch.Tensor):
+        if dims.ndim > 1 or (dims.ndim == 1 and dims.shape[0] != x.shape[0]):
+            raise ProtocolViolationError(f"num_dims(x) returned a tensor of shape {tuple(dims.shape)}; expected an "
+                                         f"int or shape ({x.shape[0]},), one count per datapoint.")
         dims = dims.to(torch.float64).expand(x.shape[0]) if dims.ndim == 0 else dims.to(torch.float64)
+    elif isinstance(dims, bool) or not isinstance(dims, numbers.Real):
+        raise ProtocolViolationError(f"num_dims(x) must return a positive int or a tensor of {x.shape[0]} positive "
+                                     f"counts; got {type(dims).__name__} {dims!r}.")
     else:
         dims = torch.full((x.shape[0],), float(dims), dtype=torch.float64)
+    ok = (dims > 0) & (dims < math.inf) & (dims == dims.round())
+    if not bool(ok.all()):  # bits/dim = NLL / (d ln 2): d <= 0 gives inf or a negative number, silently
+        first = int((~ok).nonzero()[0, 0])
+        raise ProtocolViolationError(
+            f"num_dims(x) returned {float(dims[first]):g} at datapoint {first} of the batch ({int((~ok).sum())} of "
+            f"{x.shape[0]} not a positive integer count); bits/dim and perplexity need positive integer counts of "
+            "observed dimensions or tokens.")
     return {**columns, "dims": dims}
 
 
