@@ -55,13 +55,14 @@ def check_seed(name: str, value: Any, *, allow_none: bool = False, span: int = 1
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer in 0..{SEED_MAX} (2**32 - 1)"
+        raise TypeError(f"{name} must be an integer >= 0 and <= {SEED_MAX} (2**32 - 1)"
                         f"{' or None' if allow_none else ''}; got {value!r} of type {type(value).__name__}.")
     value = int(value)
     last = value + max(int(span), 1) - 1
     if value < 0 or last > SEED_MAX:
         extra = f" (it uses the seeds {value}..{last})" if span > 1 and value >= 0 else ""
-        raise ValueError(f"{name} must be an integer in 0..{SEED_MAX} (2**32 - 1); got {value}{extra}.")
+        raise ValueError(f"{name} must be an integer >= 0 and <= {SEED_MAX} (2**32 - 1); got {value}{extra} "
+                         "(seeds are never wrapped).")
     return value
 
 

@@ -126,9 +126,9 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
                             "encode(x)")
         if tuple(p.batch_shape) != ():
             prior_ok = False
-            problems.append(f"prior() has batch_shape {tuple(p.batch_shape)} and event_shape "
-                            f"{tuple(p.event_shape)}; expected batch_shape () (one prior for all datapoints: a batch "
-                            "shape is broadcast against the data silently)")
+            problems.append(f"prior() has batch_shape {tuple(p.batch_shape)}; expected () (one prior for all "
+                            f"datapoints, with event_shape ({latent_dim if latent_dim > 0 else 'D'},); got event_shape "
+                            f"{tuple(p.event_shape)}: a batch shape is broadcast against the data silently)")
         scale_problem = distribution_problem(p, "prior()")
         if scale_problem:
             prior_ok = False

@@ -12,10 +12,10 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike, iter_batches
-from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
-from latentdiag._validation import check_int, check_seed
+from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device, seeded
+from latentdiag._validation import check_int, check_seed, clip_message
 from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
-from latentdiag.errors import ProtocolViolationError
+from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
@@ -52,16 +52,24 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
     batch_size = check_int("batch_size", batch_size)
     seed = check_seed("seed", seed, allow_none=True)
     run_device = resolve_device(device, model)
-    if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
-        raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "
-                         "model first (model.to(device)) or leave device=None to use the model's device.")
+    if device is not None:
+        check_model_on(model, run_device)
     columns: dict[str, list[torch.Tensor]] = {}
     from tqdm.auto import tqdm
 
     with evaluation(model), seeded(seed, run_device):
         batches = iter_batches(data, batch_size=batch_size, device=run_device)
         for batch in tqdm(batches, desc=estimator, unit="batch", disable=not progress, leave=False):
-            for key, value in per_batch(batch.x).items():
+            try:
+                found = per_batch(batch.x)
+            except LatentdiagError:
+                raise
+            except Exception as err:  # noqa: BLE001 -- re-raised; renamed only when the data's dtype is the cause
+                mismatch = _dtype_mismatch(model, batch.x, err)
+                if mismatch is None:
+                    raise
+                raise InvalidDataError(mismatch) from err
+            for key, value in found.items():
                 columns.setdefault(key, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
     out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
     for key, values in out.items():
@@ -71,6 +79,25 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
                                          "(NaN or inf); check the model's outputs on those datapoints "
                                          "(latentdiag.check_model can help).")
     return out, {"device": str(run_device), "dtype": model_dtype(model)}
+
+
+_DTYPE_WORDS = ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16", "Long", "Byte", "Int")
+
+
+def _dtype_mismatch(model: Any, x: torch.Tensor, err: BaseException) -> str | None:
+    """Words for a model failure whose cause is the data's dtype (float64 data into a float32 model, integer
+    images into a float model), or None when the dtypes agree or the error does not speak of dtypes."""
+    wanted = model_dtype(model)
+    have = str(x.dtype).removeprefix("torch.")
+    if wanted == "unknown" or have == wanted:
+        return None
+    if x.is_floating_point() or any(w in str(err) for w in _DTYPE_WORDS):
+        if not any(w in str(err) for w in _DTYPE_WORDS):
+            return None
+        return (f"data: dtype {have} does not match the model's parameters ({wanted}); convert the data (e.g. "
+                f"x.to(torch.{wanted})) or the model before evaluating (the model raised "
+                f"{type(err).__name__}: {clip_message(str(err), 200)})")
+    return None
 
 
 def model_dtype(model: Any) -> str:
