@@ -182,8 +182,9 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
         elif logits is not None:
             problems.append(f"decoder_logits(x, z) must return a tensor; got {type(logits).__name__}")
     if "num_dims" in capabilities:
+        before = len(problems)
         dims = _call(problems, "num_dims(x)", model.num_dims, x)
-        if dims is not None and not _valid_num_dims(dims, batch):
+        if (dims is not None or len(problems) == before) and not _valid_num_dims(dims, batch):
             problems.append(f"num_dims(x) must return a positive int or a tensor of {batch} positive values; got "
                             f"{dims!r}")
 
