@@ -73,4 +73,5 @@ def clip_message(text: str, limit: int = 600) -> str:
         return text
     head = limit * 2 // 3
     tail = limit - head - 40
-    return f"{text[:head]} ... [{len(text) - head - max(tail, 0)} characters left out] ... {text[-tail:] if tail > 0 else ''}"
+    end = text[-tail:] if tail > 0 else ""
+    return f"{text[:head]} ... [{len(text) - head - max(tail, 0)} characters left out] ... {end}"

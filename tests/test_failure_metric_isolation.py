@@ -126,3 +126,10 @@ def test_big_seed_is_not_silently_seed_zero(model):
     a = ld.distortion(model, x, seed=SEED_MAX).value
     b = ld.distortion(model, x, seed=0).value
     assert a != b
+
+
+def test_mixed_membership_on_five_datapoints_is_skipped(model):
+    """It needs at least 4 prior and 4 model samples in each half; before, its ValueError ended the report."""
+    x = model.sample(5, torch.Generator().manual_seed(0))
+    rep = run_report(model, x, metrics=["rate", "mixed_membership"])
+    assert rep.skipped["mixed_membership"].startswith("too few data:") and rep.result("rate") is not None

@@ -24,7 +24,8 @@ from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
 
-__all__ = ["AggregatePosterior", "Convergence", "LongComputationWarning", "aggregate_posterior", "pairwise_seconds", "minibatch_mutual_information", "active_units",
+__all__ = ["AggregatePosterior", "Convergence", "LongComputationWarning", "aggregate_posterior", "pairwise_seconds",
+           "minibatch_mutual_information", "active_units",
            "per_dimension_kl"]
 
 
@@ -144,8 +145,8 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
                                                                                     per_dim_chunk_size)
     if table.n < 2:
-        raise InsufficientDataError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end needs one "
-                         f"other); got {table.n}.")
+        raise InsufficientDataError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end "
+                                    f"needs one other); got {table.n}.")
     full_n, full_pairs = table.n, table.n * samples_per_point * table.n
     subsample = None
     if max_pairs is not None and full_pairs > max_pairs:

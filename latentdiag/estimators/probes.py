@@ -358,8 +358,8 @@ class _ProbeData:
             raise InsufficientDataError(f"train_labels must contain at least 2 classes; got only {classes.tolist()}.")
         unseen = np.setdiff1d(np.unique(y_test), classes)
         if unseen.size:
-            raise InsufficientDataError(f"test_labels contain classes absent from train_labels: {unseen.tolist()[:10]}; a "
-                             "probe cannot predict a class it never saw.")
+            raise InsufficientDataError(f"test_labels contain classes absent from train_labels: "
+                                        f"{unseen.tolist()[:10]}; a probe cannot predict a class it never saw.")
         if x_train.shape[0] < 2:
             raise InsufficientDataError(f"train_reps must hold at least 2 datapoints; got {x_train.shape[0]}.")
         return cls(x_train, np.searchsorted(classes, y_train), tuple(tests), np.searchsorted(classes, y_test),

@@ -225,8 +225,8 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
         if a.shape[0] < least:
             from latentdiag.errors import InsufficientDataError
 
-            raise InsufficientDataError(f"{name} must hold at least {least} samples for the {estimator} estimator; got "
-                             f"{a.shape[0]}.")
+            raise InsufficientDataError(f"{name} must hold at least {least} samples for the {estimator} "
+                                        f"estimator; got {a.shape[0]}.")
     bandwidths = _check_bandwidth(bandwidth)
     permutations = check_int("permutations", permutations)
     chunk_size = check_int("chunk_size", chunk_size)
