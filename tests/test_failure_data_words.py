@@ -191,3 +191,20 @@ def test_unreadable_data_files_are_invalid_data_naming_the_file(files, name, wor
 
 def test_good_files_still_load(files):
     assert load_spec(f"tensor:{files / 'ok.pt'}").shape == (20, 6)
+
+
+def test_nan_made_by_the_model_is_short_and_blames_the_model():
+    """Finite data, an encoder that makes NaN: torch's validate_args error used to arrive with a tensor dump of
+    several kilobytes; now one sentence that names the parameter and points at check_model."""
+    from latentdiag.errors import ProtocolViolationError
+
+    class NanEncoder(Plain):
+        def encode(self, x):
+            h = self.enc(x) * float("nan")
+            return Independent(Normal(h[:, :2], h[:, 2:].exp()), 1)
+
+    with pytest.raises(ProtocolViolationError) as err:
+        ld.rate(NanEncoder(), torch.randn(300, 6))
+    text = str(err.value)
+    assert "Expected parameter loc (Tensor of shape (256, 2))" in text and "tensor(" not in text
+    assert len(text) < 600 and "check_model" in text and isinstance(err.value.__cause__, ValueError)

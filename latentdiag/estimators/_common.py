@@ -66,9 +66,12 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
                 raise
             except Exception as err:  # noqa: BLE001 -- re-raised; renamed only when the data's dtype is the cause
                 mismatch = _dtype_mismatch(model, batch.x, err)
-                if mismatch is None:
-                    raise
-                raise InvalidDataError(mismatch) from err
+                if mismatch is not None:
+                    raise InvalidDataError(mismatch) from err
+                invalid = _invalid_parameter(err)
+                if invalid is not None:
+                    raise ProtocolViolationError(invalid) from err
+                raise
             for key, value in found.items():
                 columns.setdefault(key, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
     out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
@@ -98,6 +101,18 @@ def _dtype_mismatch(model: Any, x: torch.Tensor, err: BaseException) -> str | No
                 f"x.to(torch.{wanted})) or the model before evaluating (the model raised "
                 f"{type(err).__name__}: {clip_message(str(err), 200)})")
     return None
+
+
+def _invalid_parameter(err: BaseException) -> str | None:
+    """torch's own ``validate_args`` error (a distribution built from NaN parameters, say), without the tensor
+    dump that follows it (kilobytes of ``tensor([[nan, ...]])``); None for other errors."""
+    text = str(err)
+    if not isinstance(err, ValueError) or not text.startswith("Expected parameter "):
+        return None
+    head = text.split("but found invalid values")[0].strip().rstrip(",")
+    return (f"the model built a distribution with invalid parameters: {clip_message(head, 300)}, but found invalid "
+            "values (NaN, inf or out of range; the data are finite, so the model produced them: run "
+            "latentdiag.check_model(model, x) on a batch)")
 
 
 def model_dtype(model: Any) -> str:
