@@ -25,12 +25,15 @@ class Batch(NamedTuple):
 
 def iter_batches(data: DataLike, *, batch_size: int = 256, device: torch.device | None = None,
                  name: str = "data") -> Iterator[Batch]:
-    """Yield non-empty :class:`Batch` es from ``data``; raise if ``data`` holds no datapoint at all.
+    """Yield non-empty :class:`Batch` es from ``data``; raise :class:`~latentdiag.errors.InvalidDataError` if
+    ``data`` holds no datapoint at all, or floating-point datapoints with NaN or inf (checked once for whole data,
+    per batch for a stream: before any model sees them).
 
     A whole-data tensor is cut into ``batch_size`` slices; an iterable of batches is used as it comes.
     """
     batch_size = check_int("batch_size", batch_size)
     seen = 0
+    whole = _holds_whole_data(data)  # checked as a whole in _raw_batches
     for x, y in _raw_batches(data, batch_size, name, check=True):
         if x.ndim == 0:
             raise ValueError(f"{name} must yield batches with a leading batch dimension; got a scalar tensor.")
@@ -39,7 +42,7 @@ def iter_batches(data: DataLike, *, batch_size: int = 256, device: torch.device 
         if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
             raise ValueError(f"{name} yielded labels of shape {tuple(y.shape)} for a batch of {x.shape[0]} "
                              "datapoints; expected one label per datapoint.")
-        if not isinstance(data, (torch.Tensor, np.ndarray)) and _whole_data_cached(data) is None:
+        if not whole:
             check_finite(x, name, offset=seen, stream=True)  # a stream: each batch as it comes
         seen += x.shape[0]
         if device is not None:
@@ -73,13 +76,13 @@ def check_finite(x: torch.Tensor, name: str = "data", *, offset: int = 0, stream
                            "finite: clean or drop those datapoints (this is the data, not the model).")
 
 
-def _whole_data_cached(data: Any) -> Any:
-    """Whether ``data`` holds the whole data set at once (then it was checked as a whole): None for a stream."""
+def _holds_whole_data(data: Any) -> bool:
+    """Whether ``data`` holds the whole data set at once (as :func:`_whole_data` reads it), not a stream."""
     if isinstance(data, (torch.Tensor, np.ndarray)):
-        return data
+        return True
     if isinstance(data, tuple) and data and isinstance(data[0], (torch.Tensor, np.ndarray)):
-        return data
-    return data if isinstance(getattr(data, "x", None), (torch.Tensor, np.ndarray)) else None
+        return True
+    return isinstance(getattr(data, "x", None), (torch.Tensor, np.ndarray))
 
 
 def _raw_batches(data: DataLike, batch_size: int, name: str, check: bool = False
