@@ -8,6 +8,13 @@ from typing import Any
 
 import torch
 
+from latentdiag.errors import LatentdiagError
+
+
+class DeviceError(LatentdiagError, ValueError):
+    """The requested device cannot be used here (no CUDA, no such CUDA index, a model held on another device).
+    A runtime error of the environment (exit code 3), never blamed on the model."""
+
 
 def resolve_device(device: str | torch.device | None, model: Any = None) -> torch.device:
     """The device to run on: the one given, else the model's (its first parameter or buffer), else CPU.
@@ -22,9 +29,32 @@ def resolve_device(device: str | torch.device | None, model: Any = None) -> torc
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}.") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {device!r} but CUDA is not available on this machine; use device='cpu'.")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device is {device!r} but CUDA is not available on this machine; use device='cpu' "
+                              "(or 'auto').")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"device is {device!r} but this machine has {count} CUDA device"
+                              f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}).")
+    elif resolved.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"device is {device!r} but MPS is not available on this machine; use device='cpu'.")
+    elif resolved.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return resolved
+
+
+def check_model_on(model: Any, device: torch.device) -> None:
+    """Raise :class:`DeviceError` when an ``nn.Module`` is held on another device than ``device`` (the
+    estimators never move a user's model)."""
+    if isinstance(model, torch.nn.Module):
+        held = model_device(model)
+        same = held.type == device.type and (held.index == device.index or device.index is None
+                                            or held.index is None and device.index == 0)
+        if not same:
+            raise DeviceError(f"device is {str(device)!r} but the model is on {str(held)!r}; move the model first "
+                              "(model.to(device)) or leave device=None to use the model's device.")
 
 
 def model_device(model: Any) -> torch.device:

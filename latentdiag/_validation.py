@@ -38,3 +38,40 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(value, choices, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"{name} must be one of {listed}; got {value!r}.{hint}")
+
+
+SEED_MAX = 2 ** 32 - 1
+"""The largest seed accepted: every generator a seed reaches (torch, numpy, scikit-learn's ``random_state``) takes
+it without wrapping, so distinct seeds give distinct streams."""
+
+
+def check_seed(name: str, value: Any, *, allow_none: bool = False, span: int = 1) -> int | None:
+    """Return ``value`` as an int seed in 0..2**32-1 (numpy integers accepted; bools, floats and strings refused).
+
+    ``span`` > 1 is for functions that use the seeds ``value, value + 1, ..., value + span - 1``: the last must be
+    in range too. Out-of-range seeds are refused, never wrapped (a wrapped seed gives the numbers of another seed
+    while the provenance records this one).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 0 and <= {SEED_MAX} (2**32 - 1)"
+                        f"{' or None' if allow_none else ''}; got {value!r} of type {type(value).__name__}.")
+    value = int(value)
+    last = value + max(int(span), 1) - 1
+    if value < 0 or last > SEED_MAX:
+        extra = f" (it uses the seeds {value}..{last})" if span > 1 and value >= 0 else ""
+        raise ValueError(f"{name} must be an integer >= 0 and <= {SEED_MAX} (2**32 - 1); got {value}{extra} "
+                         "(seeds are never wrapped).")
+    return value
+
+
+def clip_message(text: str, limit: int = 600) -> str:
+    """``text`` cut to at most ``limit`` characters (a middle ellipsis says how much was left out)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head - 40
+    end = text[-tail:] if tail > 0 else ""
+    return f"{text[:head]} ... [{len(text) - head - max(tail, 0)} characters left out] ... {end}"

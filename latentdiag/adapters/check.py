@@ -10,15 +10,18 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._runtime import evaluation, model_device, seeded
-from latentdiag.adapters.protocol import CAPABILITIES, has_capability
+from latentdiag.adapters.protocol import CAPABILITIES, distribution_problem, has_capability
+from latentdiag.errors import ProtocolViolationError
 
 __all__ = ["check_model", "ModelCheck", "ModelProtocolError"]
 
 _REQUIRED = ("encode", "prior", "log_likelihood")
 
 
-class ModelProtocolError(TypeError):
-    """A model does not follow :class:`latentdiag.LatentVariableModel`; ``violations`` lists every problem."""
+class ModelProtocolError(ProtocolViolationError, TypeError):
+    """A model does not follow :class:`latentdiag.LatentVariableModel`; ``violations`` lists every problem.
+
+    A :class:`latentdiag.errors.ProtocolViolationError` (exit code 3) and, as before, a ``TypeError``."""
 
     def __init__(self, model_name: str, violations: list[str]):
         self.violations = list(violations)
@@ -112,6 +115,9 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
                             "per datapoint")
         else:
             latent_dim = int(q.event_shape[0])
+        scale_problem = distribution_problem(q, "encode(x)")
+        if scale_problem:
+            problems.append(scale_problem)
     prior_ok = p is not None
     if p is not None:
         if latent_dim > 0 and tuple(p.event_shape) != (latent_dim,):
@@ -121,7 +127,12 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
         if tuple(p.batch_shape) != ():
             prior_ok = False
             problems.append(f"prior() has batch_shape {tuple(p.batch_shape)}; expected () (one prior for all "
-                            "datapoints)")
+                            f"datapoints, with event_shape ({latent_dim if latent_dim > 0 else 'D'},); got event_shape "
+                            f"{tuple(p.event_shape)}: a batch shape is broadcast against the data silently)")
+        scale_problem = distribution_problem(p, "prior()")
+        if scale_problem:
+            prior_ok = False
+            problems.append(scale_problem)
 
     analytic = False
     z = None
@@ -171,8 +182,9 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
         elif logits is not None:
             problems.append(f"decoder_logits(x, z) must return a tensor; got {type(logits).__name__}")
     if "num_dims" in capabilities:
+        before = len(problems)
         dims = _call(problems, "num_dims(x)", model.num_dims, x)
-        if dims is not None and not _valid_num_dims(dims, batch):
+        if (dims is not None or len(problems) == before) and not _valid_num_dims(dims, batch):
             problems.append(f"num_dims(x) must return a positive int or a tensor of {batch} positive values; got "
                             f"{dims!r}")
 
@@ -214,5 +226,8 @@ def _valid_num_dims(dims: Any, batch: int) -> bool:
     if isinstance(dims, int):
         return dims > 0
     if isinstance(dims, torch.Tensor):
-        return dims.ndim == 1 and dims.shape[0] == batch and bool((dims > 0).all())
+        if dims.ndim == 0:
+            dims = dims.reshape(1).expand(batch)
+        return (dims.ndim == 1 and dims.shape[0] == batch and bool(torch.isfinite(dims).all())
+                and bool((dims > 0).all()) and bool((dims == dims.round()).all()))
     return False

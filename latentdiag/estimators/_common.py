@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from latentdiag._batching import DataLike, iter_batches
-from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
-from latentdiag._validation import check_int
-from latentdiag.adapters.protocol import LatentVariableModel
+from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device, seeded
+from latentdiag._validation import check_int, check_seed, clip_message
+from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
+from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
@@ -48,19 +50,29 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
     """
     check_model_arg(model)
     batch_size = check_int("batch_size", batch_size)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
+    seed = check_seed("seed", seed, allow_none=True)
     run_device = resolve_device(device, model)
-    if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
-        raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "
-                         "model first (model.to(device)) or leave device=None to use the model's device.")
+    if device is not None:
+        check_model_on(model, run_device)
     columns: dict[str, list[torch.Tensor]] = {}
     from tqdm.auto import tqdm
 
     with evaluation(model), seeded(seed, run_device):
         batches = iter_batches(data, batch_size=batch_size, device=run_device)
         for batch in tqdm(batches, desc=estimator, unit="batch", disable=not progress, leave=False):
-            for key, value in per_batch(batch.x).items():
+            try:
+                found = per_batch(batch.x)
+            except LatentdiagError:
+                raise
+            except Exception as err:  # noqa: BLE001 -- re-raised; renamed only when the data's dtype is the cause
+                mismatch = _dtype_mismatch(model, batch.x, err)
+                if mismatch is not None:
+                    raise InvalidDataError(mismatch) from err
+                invalid = _invalid_parameter(err)
+                if invalid is not None:
+                    raise ProtocolViolationError(invalid) from err
+                raise
+            for key, value in found.items():
                 columns.setdefault(key, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
     out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
     for key, values in out.items():
@@ -70,6 +82,37 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
                                          "(NaN or inf); check the model's outputs on those datapoints "
                                          "(latentdiag.check_model can help).")
     return out, {"device": str(run_device), "dtype": model_dtype(model)}
+
+
+_DTYPE_WORDS = ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16", "Long", "Byte", "Int")
+
+
+def _dtype_mismatch(model: Any, x: torch.Tensor, err: BaseException) -> str | None:
+    """Words for a model failure whose cause is the data's dtype (float64 data into a float32 model, integer
+    images into a float model), or None when the dtypes agree or the error does not speak of dtypes."""
+    wanted = model_dtype(model)
+    have = str(x.dtype).removeprefix("torch.")
+    if wanted == "unknown" or have == wanted:
+        return None
+    if x.is_floating_point() or any(w in str(err) for w in _DTYPE_WORDS):
+        if not any(w in str(err) for w in _DTYPE_WORDS):
+            return None
+        return (f"data: dtype {have} does not match the model's parameters ({wanted}); convert the data (e.g. "
+                f"x.to(torch.{wanted})) or the model before evaluating (the model raised "
+                f"{type(err).__name__}: {clip_message(str(err), 200)})")
+    return None
+
+
+def _invalid_parameter(err: BaseException) -> str | None:
+    """torch's own ``validate_args`` error (a distribution built from NaN parameters, say), without the tensor
+    dump that follows it (kilobytes of ``tensor([[nan, ...]])``); None for other errors."""
+    text = str(err)
+    if not isinstance(err, ValueError) or not text.startswith("Expected parameter "):
+        return None
+    head = text.split("but found invalid values")[0].strip().rstrip(",")
+    return (f"the model built a distribution with invalid parameters: {clip_message(head, 300)}, but found invalid "
+            "values (NaN, inf or out of range; the data are finite, so the model produced them: run "
+            "latentdiag.check_model(model, x) on a batch)")
 
 
 def model_dtype(model: Any) -> str:
@@ -121,12 +164,17 @@ def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribut
     if not isinstance(q, Distribution) or tuple(q.batch_shape) != (batch,) or len(q.event_shape) != 1:
         got = (f"batch_shape {tuple(q.batch_shape)} and event_shape {tuple(q.event_shape)}"
                if isinstance(q, Distribution) else type(q).__name__)
-        raise ValueError(f"model.encode(x) must return a Distribution with batch_shape ({batch},) and event_shape "
-                         f"(D,) for a batch of {batch}; got {got}. Run latentdiag.check_model(model, x) for details.")
+        raise ProtocolViolationError(
+            f"model.encode(x) must return a Distribution with batch_shape ({batch},) and event_shape (D,) for a "
+            f"batch of {batch}; got {got}. Run latentdiag.check_model(model, x) for details.")
     if not isinstance(p, Distribution) or tuple(p.event_shape) != tuple(q.event_shape):
         got = f"event_shape {tuple(p.event_shape)}" if isinstance(p, Distribution) else type(p).__name__
-        raise ValueError(f"model.prior() must return a Distribution with event_shape {tuple(q.event_shape)}; got "
-                         f"{got}.")
+        raise ProtocolViolationError(f"model.prior() must return a Distribution with event_shape "
+                                     f"{tuple(q.event_shape)}; got {got}.")
+    require_scalar_prior(p, int(q.event_shape[0]))
+    # one vectorised test per parameter, one host sync: a negative scale (validate_args=False) is never a number
+    require_valid_distribution(q, "encode(x)")
+    require_valid_distribution(p, "prior()")
     return q, p
 
 
@@ -150,9 +198,22 @@ def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor])
         return columns
     dims = fn(x)
     if isinstance(dims, torch.Tensor):
+        if dims.ndim > 1 or (dims.ndim == 1 and dims.shape[0] != x.shape[0]):
+            raise ProtocolViolationError(f"num_dims(x) returned a tensor of shape {tuple(dims.shape)}; expected an "
+                                         f"int or shape ({x.shape[0]},), one count per datapoint.")
         dims = dims.to(torch.float64).expand(x.shape[0]) if dims.ndim == 0 else dims.to(torch.float64)
+    elif isinstance(dims, bool) or not isinstance(dims, numbers.Real):
+        raise ProtocolViolationError(f"num_dims(x) must return a positive int or a tensor of {x.shape[0]} positive "
+                                     f"counts; got {type(dims).__name__} {dims!r}.")
     else:
         dims = torch.full((x.shape[0],), float(dims), dtype=torch.float64)
+    ok = (dims > 0) & (dims < math.inf) & (dims == dims.round())
+    if not bool(ok.all()):  # bits/dim = NLL / (d ln 2): d <= 0 gives inf or a negative number, silently
+        first = int((~ok).nonzero()[0, 0])
+        raise ProtocolViolationError(
+            f"num_dims(x) returned {float(dims[first]):g} at datapoint {first} of the batch ({int((~ok).sum())} of "
+            f"{x.shape[0]} not a positive integer count); bits/dim and perplexity need positive integer counts of "
+            "observed dimensions or tokens.")
     return {**columns, "dims": dims}
 
 

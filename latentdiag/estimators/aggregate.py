@@ -4,6 +4,8 @@ units; and the minibatch MI estimator of published work, under its own name."""
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,15 +14,18 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from latentdiag._batching import DataLike
-from latentdiag._validation import check_int, check_positive_float
+from latentdiag.errors import InsufficientDataError
+from latentdiag._validation import check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
 from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
-from latentdiag.estimators.encoded import as_table
+from latentdiag._runtime import mix_seed
+from latentdiag.estimators.encoded import EncodedTable, as_table
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
 
-__all__ = ["AggregatePosterior", "Convergence", "aggregate_posterior", "minibatch_mutual_information", "active_units",
+__all__ = ["AggregatePosterior", "Convergence", "LongComputationWarning", "aggregate_posterior", "pairwise_seconds",
+           "minibatch_mutual_information", "active_units",
            "per_dimension_kl"]
 
 
@@ -67,6 +72,7 @@ class AggregatePosterior:
 def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, samples_per_point: int = 1,
                         saturation_margin: float = 1.0, chunk_size: int = 1024, per_dim_chunk_size: int = 64,
                         decompose: bool = True, convergence: bool = True, seed: int | None = 0,
+                        max_pairs: int | None = None, progress: bool = False,
                         **encode_kwargs: Any) -> AggregatePosterior:
     """Estimate the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) of the whole data set and split the rate.
 
@@ -111,17 +117,57 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         Also estimate on nested subsets (needs N >= 4; with fewer, ``settings["convergence_skipped"]`` says so).
     seed : int or None
         Seed of the samples and of the subsets' order.
+    max_pairs : int, optional
+        Bound on the pairwise work: the kernels evaluate q(z_i | x_j) for all M = N x ``samples_per_point``
+        samples and N datapoints, M x N pairs (the per-dimension kernel another D exponentials per pair): quadratic
+        in N (N = 50,000 is 2.5e9 pairs, minutes on CPU). When M x N exceeds ``max_pairs``, everything is
+        estimated on a seeded random subset of n = floor(sqrt(max_pairs / samples_per_point)) datapoints (the
+        table's :meth:`~latentdiag.EncodedTable.subset`, no re-encoding), and every estimate is flagged
+        ``subsampled`` with a note: its n is the subsample's; its standard error comes from the subsample's
+        per-datapoint terms, so it already includes the subsampling error (about sqrt(N / n) times the
+        full-data one); the lower MI end is capped at log n, not log N; the finite-N bias is that of n.
+        None (the default): no bound; ``settings["pairwise_seconds_estimate"]`` then says what the full
+        computation is expected to take (measured on a small block when M x N > 1e7), and a
+        :class:`LongComputationWarning` is issued when that exceeds a minute.
+    progress : bool
+        Progress bars (with the remaining-time estimate) for the encoder pass and the pairwise kernels, on stderr.
     **encode_kwargs
         Passed to :func:`latentdiag.encode` (``batch_size``, ``device``, ``progress``, ...).
     """
+    if not isinstance(model_or_table, EncodedTable) and progress:
+        encode_kwargs = {**encode_kwargs, "progress": True}
     table = as_table(model_or_table, data, encode_kwargs)
     samples_per_point = check_int("samples_per_point", samples_per_point)
+    seed = check_seed("seed", seed, allow_none=True)
+    if max_pairs is not None:
+        max_pairs = check_int("max_pairs", max_pairs)
     margin = check_positive_float("saturation_margin", saturation_margin)
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
                                                                                     per_dim_chunk_size)
     if table.n < 2:
-        raise ValueError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end needs one "
-                         f"other); got {table.n}.")
+        raise InsufficientDataError(f"the aggregate posterior needs at least 2 datapoints (the leave-one-out end "
+                                    f"needs one other); got {table.n}.")
+    full_n, full_pairs = table.n, table.n * samples_per_point * table.n
+    subsample = None
+    if max_pairs is not None and full_pairs > max_pairs:
+        n_sub = math.isqrt(max_pairs // samples_per_point)
+        if n_sub < 2:
+            raise ValueError(f"max_pairs = {max_pairs} allows fewer than 2 datapoints with samples_per_point = "
+                             f"{samples_per_point} (n x samples_per_point x n <= max_pairs); raise it to at least "
+                             f"{4 * samples_per_point}.")
+        gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0) ^ _SUBSAMPLE_PURPOSE)
+        chosen = torch.sort(torch.randperm(full_n, generator=gen)[:n_sub]).values
+        table = table.subset(chosen)
+        subsample = {"n_total": full_n, "n_used": n_sub, "max_pairs": max_pairs, "pairs_full": full_pairs}
+    pairs = table.n * samples_per_point * table.n
+    seconds = pairwise_seconds(table, samples_per_point, decompose=decompose, chunk_size=chunk_size,
+                               per_dim_chunk_size=per_dim_chunk_size) if pairs > _CALIBRATE_ABOVE else None
+    if seconds is not None and seconds > _WARN_SECONDS and max_pairs is None:
+        warnings.warn(f"aggregate_posterior: N = {table.n:,} datapoints x {samples_per_point} sample(s) is "
+                      f"{pairs:.3g} pairs of the quadratic kernel, estimated {_duration(seconds)} on this machine; "
+                      f"pass max_pairs (e.g. {int(_WARN_SECONDS / seconds * pairs):.3g}, about a minute) to "
+                      "bound it on a subsample", LongComputationWarning, stacklevel=2)
+    bar = _progress_bar(progress, table.n * samples_per_point * (2 if decompose else 1), table.n, seconds)
     z, index, log_q_own = table.sample(samples_per_point, seed=seed)
     sizes, skipped_convergence = (table.n,), None
     if convergence:
@@ -131,7 +177,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
                                                       f"at least 2); got N = {table.n}")
     groups, rank = nested_groups(table.n, sizes, seed) if len(sizes) > 1 else (None, None)
     # per-group sums without the own term, then prefix sums: the leave-one-out sum of every nested subset
-    lse = logsumexp_log_q(z, table, chunk_size=chunk_size, exclude=index, groups=groups)
+    lse = logsumexp_log_q(z, table, chunk_size=chunk_size, exclude=index, groups=groups, on_chunk=bar.update)
     loo = _prefix_logsumexp_(lse) if groups is not None else lse[None]
     log_p_dims = marginal_log_prob(table.prior, z)  # float64 when the prior factorises; else the prior's own
     if log_p_dims is not None:
@@ -141,7 +187,8 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             log_p = table.prior.log_prob(z.to(*prior_device_dtype(table.prior))).to("cpu", torch.float64)
     log_q_dims, skipped = None, None
     if decompose:
-        log_q_dims, skipped = _per_dim_marginals(table, z, log_p_dims, per_dim_chunk_size, groups)
+        log_q_dims, skipped = _per_dim_marginals(table, z, log_p_dims, per_dim_chunk_size, groups, bar.update)
+    bar.close()
 
     levels = []
     for k, n_k in enumerate(sizes):
@@ -159,7 +206,10 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     log_n = math.log(table.n)
     settings = {"n_datapoints": table.n, "samples_per_point": samples_per_point, "n_samples": z.shape[0],
                 "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
-                "saturation_margin": margin, "mi_upper_from": meta["mi_upper_from"],
+                "saturation_margin": margin, "mi_upper_from": meta["mi_upper_from"], "pairs": pairs,
+                "max_pairs": max_pairs, "subsampled": subsample is not None,
+                "pairwise_seconds_estimate": seconds,
+                **({"n_total": subsample["n_total"], "pairs_full": subsample["pairs_full"]} if subsample else {}),
                 **{k: v for k, v in table.settings.items() if k in ("device", "dtype")}}
     overall = dict(settings)  # a copy: the estimates hold ``settings`` and must not see it change
     if skipped:
@@ -167,20 +217,102 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     if skipped_convergence:
         overall["convergence_skipped"] = skipped_convergence
     estimates = _estimates(table, terms, meta, per_dim, settings, margin, conv)
+    if subsample is not None:
+        estimates = {k: None if e is None else _mark_subsampled(e, subsample, samples_per_point)
+                     for k, e in estimates.items()}
+        overall["subsample_note"] = _subsample_note(subsample, samples_per_point)
     return AggregatePosterior(convergence=conv, settings=overall, **estimates)
+
+
+class LongComputationWarning(UserWarning):
+    """A requested computation is expected to take long (more than a minute); the message says how to bound it."""
+
+
+_SUBSAMPLE_PURPOSE = 0x5AB5_A3B1  # the subsample must not share a stream with the samples or the subsets' order
+_CALIBRATE_ABOVE = 10_000_000     # pairs: below this the whole computation takes about a second or less
+_WARN_SECONDS = 60.0
+
+
+def pairwise_seconds(table: EncodedTable, samples_per_point: int = 1, *, decompose: bool = True,
+                     chunk_size: int = 1024, per_dim_chunk_size: int = 64) -> float:
+    """Expected seconds of :func:`aggregate_posterior`'s pairwise kernels on ``table``, from timing one small block
+    of each kernel on this machine and scaling by the number of pairs (M x N, M = N x ``samples_per_point``).
+
+    The estimate takes a few tens of milliseconds; it ignores the encoder pass and the O(N) bookkeeping.
+    """
+    n, m = table.n, table.n * samples_per_point
+    cols = min(n, 4096)
+    rows = min(m, 256)
+    probe = table.subset(torch.arange(cols)) if cols < n else table
+    z = probe.means[:rows].to(torch.float64)
+    start = time.perf_counter()
+    logsumexp_log_q(z, probe, chunk_size=chunk_size)
+    seconds = (time.perf_counter() - start) * (m / rows) * (n / cols)
+    if decompose and table.family == "diag_normal":
+        rows_d = min(m, per_dim_chunk_size)
+        start = time.perf_counter()
+        logsumexp_log_q_per_dim(z[:rows_d], probe, chunk_size=per_dim_chunk_size)
+        seconds += (time.perf_counter() - start) * (m / rows_d) * (n / cols)
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _NoBar:
+    def update(self, n: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(progress: bool, total: int, n: int, seconds: float | None) -> Any:
+    """A tqdm bar over the kernels' samples (its own remaining-time estimate), or a no-op."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    guess = f", est. {_duration(seconds)}" if seconds is not None else ""
+    return tqdm(total=total, desc=f"aggregate: pairwise q(z|x) over N = {n:,}{guess}", unit="sample",
+                leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+
+
+def _subsample_note(sub: dict[str, Any], samples_per_point: int) -> str:
+    n, big = sub["n_used"], sub["n_total"]
+    return (f"subsampled: the pairwise kernels ran on a seeded random subset of n = {n:,} of the N = {big:,} "
+            f"datapoints (max_pairs = {sub['max_pairs']:,}; all N would be {sub['pairs_full']:,} pairs), so this is "
+            f"the estimate of n = {n:,}: its standard error comes from the subsample's per-datapoint terms and "
+            f"includes the subsampling error (about sqrt(N / n) = {math.sqrt(big / n):.2f} x the full-data one); "
+            f"the lower MI end is capped at log n = {math.log(n):.3f} (not log N = {math.log(big):.3f}) and the "
+            "finite-N bias (MI low, marginal KL high) is that of n")
+
+
+def _mark_subsampled(est: Estimate, sub: dict[str, Any], samples_per_point: int) -> Estimate:
+    import dataclasses
+
+    note = _subsample_note(sub, samples_per_point)
+    extra = {**est.extra, "n_total": float(sub["n_total"]),
+             "subsample_stderr_factor": math.sqrt(sub["n_total"] / sub["n_used"])}
+    return dataclasses.replace(est, notes=(note, *est.notes), flags=(*est.flags, "subsampled"), extra=extra)
 
 
 _CONVERGENCE_NAMES = ("mutual_information", "mutual_information_upper", "marginal_kl", "marginal_kl_lower",
                       "total_correlation", "dimwise_kl")
 
 
-def _per_dim_marginals(table, z, log_p_dims, chunk, groups):
+def _per_dim_marginals(table, z, log_p_dims, chunk, groups, on_chunk=None):
     """Prefix sums (G, M, D) of log sum_j q(z_id | x_j) over the nested subsets, or (None, the reason)."""
     if log_p_dims is None:
         return None, (f"the prior {type(table.prior).__name__} does not factorise over dimensions with known "
                       "one-dimensional marginals")
     try:
-        per_group = logsumexp_log_q_per_dim(z, table, chunk_size=chunk, groups=groups)
+        per_group = logsumexp_log_q_per_dim(z, table, chunk_size=chunk, groups=groups, on_chunk=on_chunk)
     except NotImplementedError as err:
         return None, str(err)
     return (_prefix_logsumexp_(per_group) if groups is not None else per_group[None]), None
@@ -327,6 +459,7 @@ def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = No
     """
     table = as_table(model_or_table, data, encode_kwargs)
     batch_size = check_int("batch_size", batch_size, minimum=2)
+    seed = check_seed("seed", seed, allow_none=True)
     z, index, log_q_own = table.sample(check_int("samples_per_point", samples_per_point), seed=seed)
     values = torch.empty(z.shape[0], dtype=torch.float64)
     for start in range(0, table.n, batch_size):
@@ -358,7 +491,7 @@ def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold
     table = as_table(model_or_table, data, encode_kwargs)
     threshold = check_positive_float("threshold", threshold)
     if table.n < 2:
-        raise ValueError(f"active units need at least 2 datapoints; got {table.n}.")
+        raise InsufficientDataError(f"active units need at least 2 datapoints; got {table.n}.")
     activity = table.means.var(0, correction=1).numpy()
     active = activity > threshold
     return Estimate(name="active_units", value=float(active.sum()), stderr=float("nan"), n=table.n,

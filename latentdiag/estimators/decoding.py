@@ -20,7 +20,7 @@ import torch
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
-from latentdiag._validation import check_int
+from latentdiag._validation import check_int, check_seed
 from latentdiag.adapters.protocol import require_capability
 from latentdiag.estimators._common import (
     NonFiniteEstimateError,
@@ -231,8 +231,7 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
     repeats = check_int("repeats", repeats, minimum=2)
     batch_size = check_int("batch_size", batch_size)
     position_bins = check_int("position_bins", position_bins)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
+    seed = check_seed("seed", seed, allow_none=True)
     pad, pad_rule = _resolve_pad_index(model, pad_index)
     if mask is not None and not (callable(mask) or isinstance(mask, (torch.Tensor, np.ndarray))):
         raise TypeError(f"mask must be None, a bool tensor (N, *positions) or a callable x -> mask; got "
@@ -504,6 +503,7 @@ def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None
     from latentdiag.adapters.protocol import UnsupportedModelError
 
     n = check_int("n", n)
+    seed = check_seed("seed", seed, allow_none=True)
     vocab = getattr(model, "vocab", None)
     if not callable(getattr(model, "generate", None)) or vocab is None:
         raise UnsupportedModelError("decoded examples need a text model with generate(z) and a vocab")

@@ -65,6 +65,40 @@ class EncodedTable:
     def latent_dim(self) -> int:
         return self.means.shape[1]
 
+    def subset(self, indices: Any) -> EncodedTable:
+        """The table of the datapoints ``indices`` (distinct, in the order given): posterior parameters, means,
+        labels and per-datapoint KL, without re-encoding. ``settings["subset_of"]`` records the parent's N.
+
+        Diagonal Normal tables and generic tables of ``MultivariateNormal`` posteriors can be cut; other generic
+        families raise NotImplementedError (their per-batch Distribution objects cannot be indexed).
+        """
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.n:
+            raise ValueError(f"indices must be non-empty datapoint indices in 0..{self.n - 1}; got "
+                             f"{idx.numel()} indices" + (f" in {int(idx.min())}..{int(idx.max())}." if idx.numel()
+                                                          else "."))
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError("indices must not repeat a datapoint (a repeated component would change the mixture).")
+        batches: tuple[Distribution, ...] = ()
+        if self.family != "diag_normal":
+            from torch.distributions import MultivariateNormal
+
+            if not all(isinstance(q, MultivariateNormal) for q in self.batches):
+                kinds = sorted({type(q).__name__ for q in self.batches})
+                raise NotImplementedError(f"a subset of an encoded table of {', '.join(kinds)} posteriors is not "
+                                          "available (only diagonal Normal and MultivariateNormal posteriors)")
+            locs = torch.cat([q.loc.expand(q.batch_shape[0], -1) for q in self.batches])
+            trils = torch.cat([q.scale_tril.expand(q.batch_shape[0], -1, -1) for q in self.batches])
+            step = max(q.batch_shape[0] for q in self.batches)
+            cut = [idx[k:k + step] for k in range(0, idx.numel(), step)]
+            batches = tuple(MultivariateNormal(locs[c.to(locs.device)], scale_tril=trils[c.to(trils.device)],
+                                               validate_args=False) for c in cut)
+        settings = {**self.settings, "subset_of": self.n}
+        return EncodedTable(family=self.family, means=self.means[idx], prior=self.prior, kl=self.kl[idx.numpy()],
+                            kl_method=self.kl_method, loc=None if self.loc is None else self.loc[idx],
+                            scale=None if self.scale is None else self.scale[idx], batches=batches,
+                            labels=None if self.labels is None else self.labels[idx], settings=settings)
+
     def sample(self, samples_per_point: int = 1, *, seed: int | None = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral samples of the aggregate posterior: z ~ q(z|x_n) for every datapoint n, repeated.
@@ -73,6 +107,10 @@ class EncodedTable:
         samples of datapoint 0 first), the datapoint index of each sample, and log q(z | x_index) of each sample.
         """
         samples_per_point = check_int("samples_per_point", samples_per_point)
+        if seed is not None:  # estimators pass derived per-stream seeds (< 2**62) here: wider than check_seed's
+            seed = check_int("seed", seed, minimum=0)
+            if seed >= 2 ** 63:
+                raise ValueError(f"seed must be an integer in 0..2**63 - 1; got {seed} (never wrapped).")
         gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
         s, d = samples_per_point, self.latent_dim
         index = torch.arange(self.n).repeat_interleave(s)

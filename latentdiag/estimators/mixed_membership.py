@@ -24,6 +24,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from latentdiag._runtime import mix_seed, resolve_device, seeded
 from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag.errors import InsufficientDataError
 from latentdiag.results import Estimate
 
 __all__ = ["MixedMembership", "compare_aggregate_posteriors", "mixed_membership"]
@@ -446,8 +447,9 @@ def mixed_membership(groups: Mapping[str, Any], *, mode: str = "multivariate", c
     window = check_int("window", window)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, minimum=2)
-    if seed is not None:
-        seed = check_int("seed", seed, minimum=0)
+    from latentdiag._validation import check_seed
+
+    seed = check_seed("seed", seed, allow_none=True)
     if not isinstance(merge, bool):
         raise TypeError(f"merge must be a bool; got {type(merge).__name__} {merge!r}.")
     if prior is not None:
@@ -604,8 +606,8 @@ def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, sample
             n_owners = int(owner.max()) + 1
             n_out = int(round(holdout * n_owners))
             if n_out < 1 or n_out >= n_owners:
-                raise ValueError(f"group {name!r} has {n_owners} datapoints: too few to hold out a fraction "
-                                 f"{holdout}.")
+                raise InsufficientDataError(f"group {name!r} has {n_owners} datapoints: too few to hold out a "
+                                            f"fraction {holdout}.")
             out = torch.zeros(n_owners, dtype=torch.bool)
             out[torch.randperm(n_owners, generator=gen)[:n_out]] = True
             held[name] = out[owner]
@@ -1203,8 +1205,8 @@ def _check_groups(groups: Any) -> tuple[list[str], list[torch.Tensor]]:
         x = _as_samples(f"groups[{name!r}]", x, dim)
         dim = x.shape[1]
         if x.shape[0] < 4:
-            raise ValueError(f"groups[{name!r}] must hold at least 4 samples (to fit and to evaluate); "
-                             f"got {x.shape[0]}.")
+            raise InsufficientDataError(f"groups[{name!r}] must hold at least 4 samples (to fit and to evaluate); "
+                                        f"got {x.shape[0]}.")
         names.append(name)
         data.append(x)
     return names, data
@@ -1252,8 +1254,8 @@ def _split(names: list[str], data: list[torch.Tensor], holdout: Any, seed: int |
         m = x.shape[0]
         n_eval = int(round(holdout * m))
         if n_eval < 2 or m - n_eval < 2:
-            raise ValueError(f"groups[{n!r}] has {m} samples: too few to hold out a fraction {holdout} (both parts "
-                             "need at least 2 samples).")
+            raise InsufficientDataError(f"groups[{n!r}] has {m} samples: too few to hold out a fraction {holdout} "
+                                        "(both parts need at least 2 samples).")
         perm = torch.randperm(m, generator=gen)
         evals.append(x[perm[:n_eval]])
         fits.append(x[perm[n_eval:]])

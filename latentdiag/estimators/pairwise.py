@@ -4,6 +4,8 @@ log-sum-exp over j: memory O(chunk^2), never O(N^2)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
 import torch
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
@@ -17,7 +19,8 @@ _EXP_FLOOR = -700.0  # e^-700 ~ 1e-304: still a normal float64, and far below an
 
 def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1024,
                     datapoints: tuple[int, int] | None = None, exclude: torch.Tensor | None = None,
-                    groups: torch.Tensor | None = None) -> torch.Tensor:
+                    groups: torch.Tensor | None = None,
+                    on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """L_i = log sum_j q(z_i | x_j) over the datapoints j of ``table`` (or the range ``datapoints``), shape (M,).
 
     For diagonal Gaussians the quadratic form is a float64 matrix product over features [z^2, z]:
@@ -32,6 +35,7 @@ def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1
     own term dominated it. ``groups`` (N,) puts every datapoint in one of G groups (ids 0..G-1); the result is
     then (G, M), one sum per group (the nested subsets of a convergence table are prefix sums of these). Every
     block holds one group only on the matrix-product path, so each group's reduction is as exact as the whole.
+    ``on_chunk(k)`` is called after each chunk of k samples (all datapoints done): a progress bar's update.
     """
     start, stop = datapoints if datapoints is not None else (0, table.n)
     z = z.to(torch.float64)
@@ -64,6 +68,8 @@ def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 1
                 part = block if bool((ids == g).all()) else block[:, ids == g]
                 acc[g] = torch.logaddexp(acc[g], _logsumexp_rows(part))
         out[:, i0:i1] = acc
+        if on_chunk is not None:
+            on_chunk(i1 - i0)
     return out if groups is not None else out[0]
 
 
@@ -112,7 +118,8 @@ def _datapoint_blocks(table: EncodedTable, start: int, stop: int, chunk: int,
 
 
 def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size: int = 32,
-                            block_elements: int = 1 << 17, groups: torch.Tensor | None = None) -> torch.Tensor:
+                            block_elements: int = 1 << 17, groups: torch.Tensor | None = None,
+                            on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """L_id = log sum_j q(z_id | x_j) for every sample i and dimension d, shape (M, D).
 
     The per-dimension marginals of the beta-TCVAE decomposition. Not a matrix product: each of the M x N x D terms
@@ -128,12 +135,14 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
     ``block_elements`` values, keep the temporary in cache.
 
     ``groups`` (N,) as in :func:`logsumexp_log_q`: the result is then (G, M, D), one sum per group of datapoints
-    (each group is reduced over its own datapoints, and checked for clamped terms on its own).
+    (each group is reduced over its own datapoints, and checked for clamped terms on its own). ``on_chunk(k)``
+    as in :func:`logsumexp_log_q`, called with k = samples x (datapoints of the group) / N per chunk, so that
+    the calls add up to M whatever the groups.
     """
     loc, scale = _marginal_params(table)
     z = z.to(torch.float64)
     if groups is None:
-        return _per_dim_sums(z, loc, scale, scale.min(0).values, chunk_size, block_elements)
+        return _per_dim_sums(z, loc, scale, scale.min(0).values, chunk_size, block_elements, on_chunk, 1.0)
     groups = torch.as_tensor(groups, dtype=torch.long)
     if groups.shape != (table.n,):
         raise ValueError(f"groups must hold one group id per datapoint, shape ({table.n},); got shape "
@@ -142,11 +151,12 @@ def logsumexp_log_q_per_dim(z: torch.Tensor, table: EncodedTable, *, chunk_size:
     out = torch.full((int(groups.max()) + 1, *z.shape), -math.inf, dtype=torch.float64)
     for g in torch.unique(groups).tolist():
         idx = (groups == g).nonzero().squeeze(1)
-        out[g] = _per_dim_sums(z, loc[idx], scale[idx], s_min, chunk_size, block_elements)
+        out[g] = _per_dim_sums(z, loc[idx], scale[idx], s_min, chunk_size, block_elements, on_chunk,
+                               idx.numel() / max(table.n, 1))
     return out
 
 
-def _per_dim_sums(z, loc, scale, s_min, chunk_size, block_elements):
+def _per_dim_sums(z, loc, scale, s_min, chunk_size, block_elements, on_chunk=None, weight=1.0):
     """log sum_j N(z_id; loc_jd, scale_jd^2) over the rows j of loc/scale, (M, D); s_min <= every scale."""
     m, d = z.shape
     n = loc.shape[0]
@@ -166,6 +176,8 @@ def _per_dim_sums(z, loc, scale, s_min, chunk_size, block_elements):
             torch.addcmul(log_ratio[None, j0:j1], t, t, value=-1.0, out=t)         # log r - that^2
             acc += t.clamp_(min=_EXP_FLOOR).exp_().sum(1)
         out[i0:i0 + chunk_size] = acc.log()
+        if on_chunk is not None:
+            on_chunk(zi.shape[0] * weight)
     # clamped terms add at most n e^-700; recompute rows where that exceeds e^-37 (~1e-16) of the sum
     bad = (out < _EXP_FLOOR + math.log(n) + 37.0).any(1).nonzero().squeeze(1)
     out += -torch.log(s_min) - 0.5 * _LOG_2PI

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from latentdiag._runtime import mix_seed, resolve_device, seeded
-from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag.errors import InsufficientDataError
+from latentdiag._validation import check_choice, check_int, check_positive_float, check_seed, SEED_MAX
 from latentdiag.estimators.representation import Representations
 from latentdiag.results import Estimate
 
@@ -268,7 +269,8 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
         Passed to the probe (e.g. ``max_epochs`` or ``C_grid``).
     """
     probe = check_choice("probe", probe, PROBES)
-    seeds, seed = check_int("seeds", seeds), check_int("seed", seed, minimum=0)
+    seeds = check_int("seeds", seeds)
+    seed = check_seed("seed", seed)
     data = _ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
     n_all = data.n_train
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
@@ -353,13 +355,13 @@ class _ProbeData:
             raise ValueError("every test set must hold the same datapoints as test_labels.")
         classes = np.unique(y_train)
         if classes.size < 2:
-            raise ValueError(f"train_labels must contain at least 2 classes; got only {classes.tolist()}.")
+            raise InsufficientDataError(f"train_labels must contain at least 2 classes; got only {classes.tolist()}.")
         unseen = np.setdiff1d(np.unique(y_test), classes)
         if unseen.size:
-            raise ValueError(f"test_labels contain classes absent from train_labels: {unseen.tolist()[:10]}; a "
-                             "probe cannot predict a class it never saw.")
+            raise InsufficientDataError(f"test_labels contain classes absent from train_labels: "
+                                        f"{unseen.tolist()[:10]}; a probe cannot predict a class it never saw.")
         if x_train.shape[0] < 2:
-            raise ValueError(f"train_reps must hold at least 2 datapoints; got {x_train.shape[0]}.")
+            raise InsufficientDataError(f"train_reps must hold at least 2 datapoints; got {x_train.shape[0]}.")
         return cls(x_train, np.searchsorted(classes, y_train), tuple(tests), np.searchsorted(classes, y_test),
                    classes)
 
@@ -421,8 +423,17 @@ def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     n_val = max(classes.size, int(math.ceil(fraction * n)))
     if counts.min() < 2 or n - n_val < classes.size:
         return None
-    fit, val = train_test_split(np.arange(n), test_size=n_val, stratify=y, random_state=seed)
+    fit, val = train_test_split(np.arange(n), test_size=n_val, stratify=y, random_state=_sk_seed(seed))
     return np.sort(fit), np.sort(val)
+
+
+def _sk_seed(seed: int) -> int:
+    """scikit-learn's ``random_state`` for the probe seed ``seed``: the seed itself up to 2**32 - 1 (the user's
+    seeds are checked to lie there), and for the later seeds seed + j beyond it a hash of the seed (never a wrap onto
+    seed 0, 1, ...)."""
+    if seed <= SEED_MAX:
+        return seed
+    return int(np.random.SeedSequence([seed, 0x5C1]).generate_state(1, np.uint32)[0])
 
 
 def _stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, str | None]:
@@ -436,7 +447,7 @@ def _stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndar
     n = check_int("size", n, minimum=1)
     classes, counts = np.unique(y, return_counts=True)
     if n >= classes.size and counts.min() >= 2 and total - n >= classes.size:
-        index, _ = train_test_split(np.arange(total), train_size=n, stratify=y, random_state=seed)
+        index, _ = train_test_split(np.arange(total), train_size=n, stratify=y, random_state=_sk_seed(seed))
         return np.sort(index), None
     rng = np.random.default_rng(mix_seed(seed))
     return (np.sort(rng.choice(total, size=n, replace=False)),
@@ -467,7 +478,8 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 def _probe_many(probe: str, data: _ProbeData, *, seeds: int = 3, seed: int = 0, **opts: Any) -> list[ProbeResult]:
     """Train ``seeds`` probes and score each on every test set of ``data``; one ProbeResult per test set."""
     probe = check_choice("probe", probe, PROBES)
-    seeds, seed = check_int("seeds", seeds), check_int("seed", seed, minimum=0)
+    seeds = check_int("seeds", seeds)
+    seed = check_seed("seed", seed)
     fitter = _LinearFitter if probe == "linear" else _MLPFitter
     try:
         fit = fitter(**opts)
@@ -554,7 +566,7 @@ class _LinearFitter:
         from sklearn.svm import LinearSVC
 
         pipe = make_pipeline(StandardScaler(), LinearSVC(C=c, dual="auto", max_iter=self.max_iter,
-                                                         random_state=seed))
+                                                         random_state=_sk_seed(seed)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             pipe.fit(x, y)

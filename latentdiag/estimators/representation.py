@@ -24,7 +24,8 @@ from torch.distributions import Independent, LowRankMultivariateNormal, Multivar
 
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag._batching import DataLike
-from latentdiag._validation import check_choice, check_int
+from latentdiag.errors import InsufficientDataError
+from latentdiag._validation import check_choice, check_int, check_seed
 from latentdiag.estimators._common import mean_and_stderr
 from latentdiag.estimators.encoded import EncodedTable, as_table, encode
 from latentdiag.results import Estimate
@@ -288,10 +289,10 @@ def intrinsic_dimension(reps: Any, *, rule: str = "relative", threshold: float |
     rule = check_choice("rule", rule, tuple(ID_RULES))
     threshold = ID_RULES[rule] if threshold is None else _check_fraction("threshold", threshold, rule)
     bootstrap = check_int("bootstrap", bootstrap, minimum=0)
-    seed = check_int("seed", seed, minimum=0)
+    seed = check_seed("seed", seed)
     x = _as_matrix("reps", reps)
     if x.shape[0] < 2:
-        raise ValueError(f"reps must hold at least 2 representation vectors for a PCA; got {x.shape[0]}.")
+        raise InsufficientDataError(f"reps must hold at least 2 representation vectors for a PCA; got {x.shape[0]}.")
     n, f = x.shape
 
     def spectrum(rows: np.ndarray) -> np.ndarray:
@@ -427,7 +428,8 @@ def representation_table(model: Any, train_data: Any, test_data: Any, *,
         raise TypeError(f"sample_counts must be a non-empty sequence of integers; got {sample_counts!r}.")
     counts = sorted({check_int("sample_counts", k) for k in sample_counts})
     train_samples = check_int("train_samples", train_samples)
-    seeds, seed = check_int("seeds", seeds), check_int("seed", seed, minimum=0)
+    seeds = check_int("seeds", seeds)
+    seed = check_seed("seed", seed)
     max_train = None if max_train is None else check_int("max_train", max_train, minimum=2)
     max_test = None if max_test is None else check_int("max_test", max_test)
     encode_kwargs = dict(encode_kwargs or {})

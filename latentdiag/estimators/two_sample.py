@@ -223,8 +223,10 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     least = 2 if estimator == "quadratic" else 4
     for name, a in (("x", xs), ("y", ys)):
         if a.shape[0] < least:
-            raise ValueError(f"{name} must hold at least {least} samples for the {estimator} estimator; got "
-                             f"{a.shape[0]}.")
+            from latentdiag.errors import InsufficientDataError
+
+            raise InsufficientDataError(f"{name} must hold at least {least} samples for the {estimator} "
+                                        f"estimator; got {a.shape[0]}.")
     bandwidths = _check_bandwidth(bandwidth)
     permutations = check_int("permutations", permutations)
     chunk_size = check_int("chunk_size", chunk_size)
@@ -520,7 +522,9 @@ def _check_level(name: str, value: Any) -> float:
 
 
 def _check_seed(seed: Any) -> int | None:
-    return None if seed is None else check_int("seed", seed, minimum=0)
+    from latentdiag._validation import check_seed
+
+    return check_seed("seed", seed, allow_none=True)
 
 
 def _check_table(table: Any) -> None:

@@ -34,6 +34,7 @@ class _Context:
     device: Any
     progress: bool
     iw_samples: int
+    max_pairs: int | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +116,7 @@ def _iw_curve(ctx):
 def _aggregate(ctx):
     from latentdiag.estimators import aggregate_posterior
 
-    agg = aggregate_posterior(ctx.table(), seed=ctx.seed)
+    agg = aggregate_posterior(ctx.table(), seed=ctx.seed, max_pairs=ctx.max_pairs, progress=ctx.progress)
     found = [agg.mutual_information, agg.mutual_information_upper, agg.marginal_kl, agg.marginal_kl_lower,
              agg.total_correlation, agg.dimwise_kl]
     plots: dict[str, Any] = {"rate_split": {
@@ -123,7 +124,7 @@ def _aggregate(ctx):
         "mi_lower": agg.mutual_information.value, "mi_upper": agg.mutual_information_upper.value,
         "marginal_kl_lower": agg.marginal_kl_lower.value, "marginal_kl_upper": agg.marginal_kl.value,
         "mi_upper_from": agg.settings["mi_upper_from"], "log_n": agg.settings["log_n"], "n": agg.settings[
-            "n_datapoints"]}}
+            "n_datapoints"], "subsampled": agg.settings["subsampled"]}}
     if agg.convergence is not None:
         plots["convergence"] = agg.convergence.to_dict()
     if agg.dimwise_kl is not None:
@@ -153,8 +154,27 @@ def _ks(ctx):
 
 
 def _mmd(ctx):
+    """MMD of q(z) against p(z); with ``max_pairs`` a seeded subset of n datapoints with n^2 <= max_pairs (the
+    test's kernel matrices are quadratic in the samples), flagged ``subsampled``."""
     from latentdiag.estimators import mmd_aggregate_vs_prior
-    return [mmd_aggregate_vs_prior(ctx.table(), seed=ctx.seed)], {}
+
+    table = ctx.table()
+    n_all = table.n
+    if ctx.max_pairs is None or n_all * n_all <= ctx.max_pairs:
+        return [mmd_aggregate_vs_prior(table, seed=ctx.seed)], {}
+    import math
+
+    from latentdiag._runtime import mix_seed
+
+    n = max(math.isqrt(ctx.max_pairs), 2)
+    gen = torch.Generator().manual_seed(mix_seed(ctx.seed) ^ 0x3D3D_5AB5)
+    est = mmd_aggregate_vs_prior(table.subset(torch.sort(torch.randperm(n_all, generator=gen)[:n]).values),
+                                 seed=ctx.seed)
+    note = (f"subsampled: the test ran on a seeded random subset of n = {n:,} of the N = {n_all:,} datapoints "
+            f"(max_pairs = {ctx.max_pairs:,}); its standard error and p-value are those of n (a test on fewer "
+            "samples has less power)")
+    return [dataclasses.replace(est, notes=(note, *est.notes), flags=(*est.flags, "subsampled"),
+                                extra={**est.extra, "n_total": float(n_all)})], {}
 
 
 def _histograms(ctx):
@@ -222,9 +242,22 @@ def _linear_probe(ctx):
         raise UnsupportedModelError("the data carry no class labels (or only one class)")
     from sklearn.model_selection import train_test_split
 
+    from latentdiag.errors import InsufficientDataError
+
     reps = extract_representations(table, kind="map").values
     labels = table.labels.numpy()
-    train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2:
+        few = ", ".join(f"class {c!r}: {k}" for c, k in zip(classes.tolist(), counts.tolist()) if k < 2)
+        raise InsufficientDataError(
+            f"the linear probe splits the data into class-stratified halves and needs at least 2 datapoints of "
+            f"every class; {len(classes)} classes in {table.n} datapoints, too few in {few[:200]} (evaluate more "
+            "data, e.g. a larger --limit)")
+    try:
+        train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+    except ValueError as err:  # e.g. fewer datapoints in a half than classes
+        raise InsufficientDataError(f"the linear probe cannot split {table.n} datapoints of {len(classes)} classes "
+                                    f"into class-stratified halves: {err}") from err
     res = linear_probe(reps[train], labels[train], reps[test], labels[test], seed=ctx.seed)
     est = res.to_estimate()
     half = "trained on a seeded, class-stratified half of the evaluated data, tested on the other half"
@@ -406,22 +439,34 @@ class Report:
 def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = None, seed: int = 0,
                device: Any = None, iw_samples: int = 1000, progress: bool = False,
                provenance_extra: Mapping[str, Any] | None = None,
-               on_metric: Callable[[str, float], None] | None = None) -> Report:
+               on_metric: Callable[[str, float], None] | None = None, max_pairs: int | None = None) -> Report:
     """Run the chosen metrics on ``model`` and ``data`` and return a :class:`Report`.
 
     A metric that needs a capability the model lacks, or whose estimator rejects the model
     (:class:`latentdiag.UnsupportedModelError` or NotImplementedError: e.g. per-dimension KL of a
-    non-factorised posterior), is skipped with the reason. Other errors propagate: a model that fails is a
+    non-factorised posterior), is skipped with the reason; so is a metric that cannot run on these data
+    (:class:`latentdiag.errors.InsufficientDataError`: e.g. a linear probe with a class of one datapoint, a PCA of
+    one vector), whose reason starts "too few data:". Other errors propagate: a model that fails is a
     runtime error, not a skipped metric. ``device`` defaults to the model's; the model is not moved (estimators
     refuse a device the model is not on).
+
+    ``seed`` must lie in 0..2**32 - 1 (never wrapped). ``max_pairs`` bounds the quadratic work of the
+    ``aggregate`` metric (N x samples x N pairs of q(z_i|x_j)) and of ``mmd``: above it they run on a seeded
+    random subsample of the encoded table, flagged ``subsampled`` with the n used and the extra error in a note
+    (see :func:`latentdiag.aggregate_posterior`). None (the default): no bound; with ``progress`` the pairwise
+    kernel shows a bar with the remaining time, and a :class:`~latentdiag.estimators.aggregate.LongComputationWarning`
+    says the expected time when it exceeds a minute.
     """
     from latentdiag._runtime import resolve_device
-    from latentdiag._validation import check_int
+    from latentdiag._validation import check_int, check_seed
+    from latentdiag.errors import InsufficientDataError
 
     names = resolve_metrics(metrics)
-    seed, iw_samples = check_int("seed", seed, minimum=0), check_int("iw_samples", iw_samples)
+    seed, iw_samples = check_seed("seed", seed), check_int("iw_samples", iw_samples)
+    if max_pairs is not None:
+        max_pairs = check_int("max_pairs", max_pairs, minimum=4)
     ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
-                   iw_samples=iw_samples)
+                   iw_samples=iw_samples, max_pairs=max_pairs)
     results: list[Estimate] = []
     skipped: dict[str, str] = {}
     plots: dict[str, Any] = {}
@@ -439,6 +484,9 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
         except (UnsupportedModelError, NotImplementedError) as err:
             skipped[name] = str(err)
             continue
+        except InsufficientDataError as err:  # too few / unbalanced data for this metric: the others still run
+            skipped[name] = f"too few data: {err}"
+            continue
         finally:
             timings[name] = time.perf_counter() - start
         results += found
@@ -448,7 +496,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
             on_metric(name, timings[name])
     timings = {k: v for k, v in timings.items() if k not in skipped}
     prov = provenance(model, ctx.device, seed)
-    prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed}
+    prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed, "max_pairs": max_pairs}
     prov["observed_unit"] = "token" if getattr(data, "vocab", None) is not None else "dimension"
     prov.update(provenance_extra or {})
     return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov,
