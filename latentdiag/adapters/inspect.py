@@ -488,14 +488,16 @@ def _scan_zip(fspath: str) -> tuple[str, _Scan]:
 
 
 def verify_zip_members(zf: zipfile.ZipFile, fspath: str, error: type[Exception] = ValueError,
-                       prefix: str = "") -> None:
+                       lead: str | None = None) -> None:
     """Read every member of an open zip archive in 1 MiB chunks and check its CRC-32 (and its local header against
-    the central directory), as ``torch.load`` does not: raise ``error`` naming the file and the first bad member.
+    the central directory), as ``torch.load`` does not: raise ``error`` naming the file and the first bad member
+    (its message starts with ``lead``, default ``"'<path>' is corrupted: "``).
 
     The one CRC check of the package: :func:`inspect_checkpoint` and every weights-only load
     (:func:`latentdiag.load_checkpoint`) call it. Members are streamed (stored or deflated alike), so memory stays
     O(chunk) whatever the file's size.
     """
+    lead = f"{fspath!r} is corrupted: " if lead is None else lead
     for info in zf.infolist():
         try:
             with zf.open(info) as fh:
@@ -503,14 +505,14 @@ def verify_zip_members(zf: zipfile.ZipFile, fspath: str, error: type[Exception] 
                     pass
         except zipfile.BadZipFile as err:
             if "CRC" in str(err):
-                raise error(f"{prefix}{fspath!r} is corrupted: member {info.filename!r} fails its CRC-32 check "
+                raise error(f"{lead}member {info.filename!r} fails its CRC-32 check "
                             "(CRC-32 mismatch: the file is corrupted, a bit flipped or truncated); re-copy or "
                             "re-save it.") from err
-            raise error(f"{prefix}{fspath!r} is corrupted: member {info.filename!r} cannot be read ({err}); the zip "
-                        "archive is damaged (a bit flipped or truncated): re-copy or re-save it.") from err
+            raise error(f"{lead}member {info.filename!r} cannot be read ({err}); the zip archive is damaged (a bit "
+                        "flipped or truncated): re-copy or re-save it.") from err
         except (OSError, EOFError, RuntimeError, NotImplementedError, ValueError, struct.error, zlib.error) as err:
             # zlib errors of a deflated member, a size past the end of the file, an unknown compression method
-            raise error(f"{prefix}{fspath!r} is corrupted: member {info.filename!r} cannot be read "
+            raise error(f"{lead}member {info.filename!r} cannot be read "
                         f"({type(err).__name__}: {_first_line(err)}); the zip archive is damaged (a bit flipped or "
                         "truncated): re-copy or re-save it.") from err
 

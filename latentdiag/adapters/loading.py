@@ -199,7 +199,8 @@ def _examine_zip(fspath: str, _insp: Any) -> _Examined:
                     what = (f"a zip archive without {pkl!r} (members: {shown}), not written by torch.save; if it "
                             "should be a checkpoint, it is damaged: re-copy or re-save it")
                 raise CheckpointReadError(f"cannot read checkpoint {fspath!r}: {_NOT_TORCH}it is {what}.")
-            _insp.verify_zip_members(zf, fspath, CheckpointReadError, prefix="cannot read checkpoint ")
+            _insp.verify_zip_members(zf, fspath, CheckpointReadError,
+                                     lead=f"cannot read checkpoint {fspath!r}: it is corrupted: ")
             with zf.open(pkl) as fh:
                 found, protocol = _insp.scan_pickle_globals(fh)
         except CheckpointReadError:
