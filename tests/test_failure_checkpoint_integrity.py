@@ -51,7 +51,7 @@ def test_a_flipped_mantissa_bit_still_decodes_but_is_refused(saved, tmp_path):
         load_checkpoint(bad)
     msg = str(err.value)
     assert "flipped.pt" in msg and "CRC-32 mismatch" in msg and "re-copy or re-save" in msg
-    assert "it is corrupted: member '" in msg and "/data/" in msg                                  # names the member that holds the tensor
+    assert "it is corrupted: member '" in msg and "/data/" in msg     # names the member that holds the tensor
     with pytest.raises(CheckpointReadError, match="CRC-32 mismatch"):
         load_reference_checkpoint(bad)
     with pytest.raises(CheckpointReadError, match="CRC-32 mismatch"):

@@ -398,7 +398,8 @@ def scan_pickle_globals(source: bytes | BinaryIO) -> tuple[set[str], int | None]
             stack.append(_ANY)
         elif name == "STACK_GLOBAL":
             attr, module = pop(), pop()
-            found.add(_mapped(module, attr, protocol) if isinstance(module, str) and isinstance(attr, str) else _UNRESOLVED)
+            found.add(_mapped(module, attr, protocol) if isinstance(module, str) and isinstance(attr, str)
+                      else _UNRESOLVED)
             stack.append(_ANY)
         elif name in ("EXT1", "EXT2", "EXT4"):
             found.add(f"<extension code {arg}>")

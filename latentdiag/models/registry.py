@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
-import inspect
 import math
 import os
 import warnings

@@ -123,8 +123,9 @@ def load_model(checkpoint: str | os.PathLike, *, factory: str | Callable[..., An
     ------
     FileNotFoundError, UnsafeCheckpointError, CheckpointReadError, StateDictKeyError, ValueError, ImportError
         Missing file or folder; a file (or pickled network) a weights-only load refuses; a corrupted (CRC-32 or
-        content hash mismatch) or truncated file, or another kind of file; a state-dict key or prefix that does not match (the message lists the keys found); a file that is
-        not a reference checkpoint when no factory is given, or options that do not apply; pythae not installed.
+        content hash mismatch) or truncated file, or another kind of file; a state-dict key or prefix that does not
+        match (the message lists the keys found); a file that is not a reference checkpoint when no factory is
+        given, or options that do not apply; pythae not installed.
     latentdiag.errors.ResourceLimitError
         A reference checkpoint whose recorded configuration asks for a model over the parameter limit
         (:data:`latentdiag.models.registry.MAX_PARAMETERS`, ``LATENTDIAG_MAX_PARAMETERS``), refused before building.
