@@ -181,7 +181,8 @@ def _examine_zip(fspath: str, _insp: Any) -> _Examined:
                   "archive cannot be read: it is corrupted, truncated or cut short ({}); re-copy or re-save it.")
     try:
         zf = zipfile.ZipFile(fspath)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, RuntimeError) as err:
+        # RuntimeError: NotImplementedError for a "zip file version" field that a flipped bit made too high
         raise CheckpointReadError(unreadable.format(f"{type(err).__name__}: {err}")) from err
     with zf:
         try:
