@@ -237,7 +237,9 @@ def _meta_count(name: str, kwargs: Mapping[str, Any], limit: int,
         raise
     except (RuntimeError, NotImplementedError) as err:
         text = str(err)
-        if "meta" in text.lower() and not isinstance(err, OverflowError):
+        if "overflow" in text.lower():  # e.g. "Storage size calculation overflowed"
+            raise _OverBudget("overflow", 0) from err
+        if "meta" in text.lower():
             raise _MetaUnsupported(text.splitlines()[0][:200]) from err
         raise ValueError(f"config of model {name!r} cannot be built: {type(err).__name__}: "
                          f"{text.splitlines()[0][:300] if text else 'no message'} (kwargs: {_short(kwargs)}).") from err
@@ -283,31 +285,34 @@ def _limit_error(name: str, kwargs: dict[str, Any], limit: int, over: _OverBudge
         f"this large is damaged or not what it claims; {raise_it}.")
 
 
-def _shrunk(value: Any) -> Any:
+def _shrunk(value: Any, to: int) -> Any:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return 1 if value > 1 else None
+        return to if value > to else None
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return [1] * len(value) if any(v > 1 for v in value) else None
+        return [to] * len(value) if any(v > to for v in value) else None
     return None
 
 
 def _culprit(name: str, kwargs: dict[str, Any], limit: int) -> tuple[str, Any] | None:
-    """Shrink one integer (or list of integers) key at a time to 1 and keep the one that helps most."""
+    """The integer (or list of integers) key which, set to 1 (or 2, where 1 is not allowed), brings the model
+    under the limit, trying the largest values first; else the one that shrinks it most."""
     best: tuple[float, str] | None = None
-    sized = sorted((k for k in kwargs if _shrunk(kwargs[k]) is not None),
+    sized = sorted((k for k in kwargs if _shrunk(kwargs[k], 1) is not None),
                    key=lambda k: -max(kwargs[k]) if isinstance(kwargs[k], list) else -kwargs[k])
     for key in sized[:16]:
-        trial = {**kwargs, key: _shrunk(kwargs[key])}
-        try:
-            count, _ = _meta_count(name, trial, limit, max_calls=MAX_BUILD_CALLS // 4)
-        except (_OverBudget, _MetaUnsupported):
-            continue
-        except Exception:  # the shrunk value is not valid for this builder (e.g. levels >= 2)
-            continue
-        if best is None or count < best[0]:
-            best = (count, key)
+        for to in (1, 2):
+            trial = {**kwargs, key: _shrunk(kwargs[key], to)}
+            try:
+                count, _ = _meta_count(name, trial, limit, max_calls=MAX_BUILD_CALLS // 4)
+            except Exception:  # over budget again, or the shrunk value is not valid here (e.g. levels >= 2)
+                continue
+            if count <= limit:
+                return key, kwargs[key]
+            if best is None or count < best[0]:
+                best = (count, key)
+            break
     if best is None:
         return (sized[0], kwargs[sized[0]]) if sized else None
     return best[1], kwargs[best[1]]
