@@ -8,6 +8,7 @@ reading the opcodes without executing anything. And, as before, no malicious fil
 load path.
 """
 
+import gzip
 import os
 import pickle
 import re
@@ -56,8 +57,13 @@ def _write(path, kind):
         path.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else raw[:-40])
     elif kind == "random":
         path.write_bytes(np.random.default_rng(0).bytes(2048))
-    elif kind == "text":
+    elif kind == "lfs":
         path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    elif kind == "gzip":
+        torch.save(sd, path)
+        path.write_bytes(gzip.compress(path.read_bytes()))
+    elif kind == "text":
+        path.write_bytes(b"hello world\n")
     else:  # pragma: no cover
         raise AssertionError(kind)
     return path
@@ -72,6 +78,8 @@ VALID_OTHER_KINDS = [
     ("npy", [r"not a weights-only torch\.save file", r"NumPy \.npy", r"numpy\.load"]),
     ("npz", [r"not a weights-only torch\.save file", r"NumPy \.npz", r"numpy\.load"]),
     ("safetensors", [r"not a weights-only torch\.save file", "safetensors"]),
+    ("lfs", [r"not a weights-only torch\.save file", "Git LFS pointer", "git lfs pull"]),
+    ("gzip", [r"not a weights-only torch\.save file", "gzip-compressed", "decompress"]),
 ]
 
 
@@ -98,7 +106,7 @@ def test_a_valid_file_of_another_kind_is_named_not_called_corrupted(tmp_path, ki
     ("truncated", ["starts like a zip archive", "corrupted, truncated"]),
     ("cut_tail", ["starts like a zip archive", "corrupted, truncated"]),
     ("random", ["not a file written by torch.save", "corrupted, truncated"]),
-    ("text", ["not a file written by torch.save", "b'version "]),
+    ("text", ["not a file written by torch.save", "b'hello wo'"]),
 ])
 def test_a_damaged_file_says_it_is_damaged(tmp_path, kind, words):
     path = _write(tmp_path / f"{kind}.pt", kind)

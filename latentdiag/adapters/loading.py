@@ -142,12 +142,18 @@ def _examine(fspath: str) -> _Examined:
     from latentdiag.adapters import inspect as _insp
 
     with open(fspath, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(32)
     if not head:
         raise CheckpointReadError(f"cannot read checkpoint {fspath!r}: it is empty (0 bytes), not a file written "
                                   "by torch.save; it was cut short while copying or saving: re-copy or re-save it.")
     if head.startswith(b"PK\x03\x04"):
         return _examine_zip(fspath, _insp)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointReadError(f"cannot read checkpoint {fspath!r}: {_NOT_TORCH}it is a Git LFS pointer file (a "
+                                  "few lines naming the real file); fetch the file itself with 'git lfs pull'.")
+    if head.startswith(b"\x1f\x8b"):
+        raise CheckpointReadError(f"cannot read checkpoint {fspath!r}: {_NOT_TORCH}it is gzip-compressed; "
+                                  "decompress it first (gunzip, or gzip.open in a --model factory).")
     if head.startswith(b"\x93NUMPY"):
         return _Examined("numpy", "NumPy file", refusal=_NOT_TORCH + "it is a NumPy .npy array file (numpy.save); "
                          "read it with numpy.load in a --model factory, or save the weights with torch.save.")
@@ -197,8 +203,9 @@ def _examine_zip(fspath: str, _insp: Any) -> _Examined:
                 if all(n.endswith(".npy") for n in names):
                     what = f"a NumPy .npz archive (numpy.savez; arrays: {shown}); read it with numpy.load"
                 else:
-                    what = (f"a zip archive without {pkl!r} (members: {shown}), not written by torch.save; if it "
-                            "should be a checkpoint, it is damaged: re-copy or re-save it")
+                    missing = repr(pkl) if "/" in names[0] else "a <folder>/data.pkl member"
+                    what = (f"a zip archive without {missing} (members: {shown}), not written by torch.save; if "
+                            "it should be a checkpoint, it is damaged: re-copy or re-save it")
                 raise CheckpointReadError(f"cannot read checkpoint {fspath!r}: {_NOT_TORCH}it is {what}.")
             _insp.verify_zip_members(zf, fspath, CheckpointReadError,
                                      lead=f"cannot read checkpoint {fspath!r}: it is corrupted: ")
