@@ -113,6 +113,8 @@ def test_a_layer_count_bomb_is_refused_by_the_work_bound(tmp_path, no_real_build
         load_reference_checkpoint(path)
     assert time.perf_counter() - start < 10.0
     assert f"config['kwargs'][{key!r}]" in str(err.value) and "torch calls" in str(err.value)
+    assert torch.is_grad_enabled() and torch.get_default_device() == torch.device("cpu")   # state restored
+    assert torch.ones(1).device.type == "cpu"
 
 
 def test_the_limit_is_exact_and_can_be_changed(tmp_path, monkeypatch):
@@ -237,3 +239,27 @@ def test_bundled_paper_sizes_are_within_the_limit_and_checked_quickly():
         start = time.perf_counter()
         plan = plan_model(cfg)
         assert time.perf_counter() - start < 2.0 and 1e6 < plan.parameters < 1e8
+
+
+def test_a_pythae_folder_whose_config_asks_for_enormous_layers_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("pythae")
+    from pythae.models import VAE
+
+    from latentdiag.adapters.pythae import load_pythae_folder
+
+    built = []
+    monkeypatch.setattr(VAE, "load_state_dict", lambda self, *a, **k: built.append(self))
+    folder = tmp_path / "pythae_model"
+    folder.mkdir()
+    (folder / "model_config.json").write_text('{"name": "VAEConfig", "input_dim": [1, 100000, 100000], '
+                                              '"latent_dim": 2, "reconstruction_loss": "bce"}')
+    torch.save({"model_state_dict": {}}, folder / "model.pt")
+    start = time.perf_counter()
+    with pytest.raises(ResourceLimitError) as err:
+        load_pythae_folder(folder)
+    assert time.perf_counter() - start < 5.0 and built == []
+    assert "pythae model" in str(err.value) and "'input_dim' = [1, 100000, 100000]" in str(err.value)
+    (folder / "model_config.json").write_text('{"name": "VAEConfig", "input_dim": [1, 4, 4], "latent_dim": 2, '
+                                              '"reconstruction_loss": "bce"}')
+    load_pythae_folder(folder)                                   # a normal size passes the check
+    assert len(built) == 1

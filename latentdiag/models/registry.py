@@ -28,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 
 from latentdiag.errors import ResourceLimitError
 
-__all__ = ["MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "ModelPlan", "register_model", "build_model", "model_config",
-           "plan_model", "registered_models"]
+__all__ = ["MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "ModelPlan", "register_model", "build_model", "check_build_size",
+           "model_config", "plan_model", "registered_models"]
 
 #: Most parameter + buffer elements a configuration may ask for (2e9: 8 GB of float32 weights).
 MAX_PARAMETERS = 2_000_000_000
@@ -182,7 +182,11 @@ def plan_model(config: Mapping[str, Any], *, max_parameters: int | None = None) 
     return ModelPlan(name, kwargs, count, shapes, limit)
 
 
-class _OverBudget(Exception):
+class _OverBudget(BaseException):
+    """Raised once inside the builder (a BaseException, so that a builder's ``except Exception`` cannot swallow
+    it); the calls that follow, e.g. the ``__exit__`` of a ``torch.no_grad()`` block that restores grad mode, run
+    normally."""
+
     def __init__(self, what: str, amount: int):
         super().__init__(what, amount)
         self.what, self.amount = what, amount
@@ -199,6 +203,7 @@ class _Budget(TorchFunctionMode):
         super().__init__()
         self.max_calls, self.max_elements = max_calls, max_elements
         self.calls = self.elements = 0
+        self.tripped = False
         from torch.utils._device import _device_constructors
 
         self._constructors = _device_constructors()
@@ -206,7 +211,8 @@ class _Budget(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         self.calls += 1
-        if self.calls > self.max_calls:
+        if self.calls > self.max_calls and not self.tripped:
+            self.tripped = True
             raise _OverBudget("calls", self.calls)
         constructor = func in self._constructors
         if constructor:
@@ -214,17 +220,24 @@ class _Budget(TorchFunctionMode):
         out = func(*args, **kwargs)
         if constructor and isinstance(out, torch.Tensor):
             self.elements += out.numel()
-            if self.elements > self.max_elements:
+            if self.elements > self.max_elements and not self.tripped:
+                self.tripped = True
                 raise _OverBudget("elements", self.elements)
         return out
 
 
 def _meta_count(name: str, kwargs: Mapping[str, Any], limit: int,
                 max_calls: int | None = None) -> tuple[int, dict[str, tuple[int, ...]]]:
+    return _meta_run(lambda: _BUILDERS[name](**copy.deepcopy(dict(kwargs))), f"model {name!r}",
+                     f" (kwargs: {_short(kwargs)})", limit, max_calls)
+
+
+def _meta_run(build: Callable[[], Any], label: str, detail: str, limit: int,
+              max_calls: int | None = None) -> tuple[int, dict[str, tuple[int, ...]]]:
     budget = _Budget(MAX_BUILD_CALLS if max_calls is None else max_calls, 2 * limit)
     try:
         with torch.device("meta"), budget:
-            model = _BUILDERS[name](**copy.deepcopy(dict(kwargs)))
+            model = build()
     except _OverBudget:
         raise
     except (TypeError, ValueError) as err:
@@ -232,8 +245,8 @@ def _meta_count(name: str, kwargs: Mapping[str, Any], limit: int,
         if "Overflow" in text or "overflow" in text:
             raise _OverBudget("overflow", 0) from err
         if "Exception raised from" in text:  # torch's own message with a C++ trace: keep its first line
-            raise ValueError(f"config of model {name!r} cannot be built: {type(err).__name__}: "
-                             f"{text.splitlines()[0][:300]} (kwargs: {_short(kwargs)}).") from err
+            raise ValueError(f"config of {label} cannot be built: {type(err).__name__}: "
+                             f"{text.splitlines()[0][:300]}{detail}.") from err
         raise
     except (RuntimeError, NotImplementedError) as err:
         text = str(err)
@@ -241,12 +254,12 @@ def _meta_count(name: str, kwargs: Mapping[str, Any], limit: int,
             raise _OverBudget("overflow", 0) from err
         if "meta" in text.lower():
             raise _MetaUnsupported(text.splitlines()[0][:200]) from err
-        raise ValueError(f"config of model {name!r} cannot be built: {type(err).__name__}: "
-                         f"{text.splitlines()[0][:300] if text else 'no message'} (kwargs: {_short(kwargs)}).") from err
+        raise ValueError(f"config of {label} cannot be built: {type(err).__name__}: "
+                         f"{text.splitlines()[0][:300] if text else 'no message'}{detail}.") from err
     except (OverflowError, MemoryError) as err:
         raise _OverBudget("overflow", 0) from err
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"the builder of {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+        raise TypeError(f"the builder of {label} returned a {type(model).__name__}, not a torch.nn.Module.")
     seen: set[int] = set()
     count = 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -263,7 +276,14 @@ def _short(value: Any, width: int = 200) -> str:
 
 
 def _limit_error(name: str, kwargs: dict[str, Any], limit: int, over: _OverBudget) -> ResourceLimitError:
-    """A ResourceLimitError naming the key whose value, set to 1, shrinks the model the most."""
+    """A ResourceLimitError naming the key whose value, set to 1, brings the model under the limit."""
+    culprit = _culprit(name, kwargs, limit)
+    blame = (f" Most of it comes from config['kwargs'][{culprit[0]!r}] = {_short(culprit[1], 80)}."
+             if culprit is not None else f" Its kwargs: {_short(kwargs)}.")
+    return _resource_error(f"model {name!r}", limit, over, blame)
+
+
+def _resource_error(label: str, limit: int, over: _OverBudget, blame: str) -> ResourceLimitError:
     bound = f"more than the limit of {limit:,} elements ({limit * 4 / 1e9:.1f} GB of float32 weights)"
     if over.what == "calls":
         asked = (f"makes more than {MAX_BUILD_CALLS:,} torch calls while building, the limit on building work (the "
@@ -274,15 +294,54 @@ def _limit_error(name: str, kwargs: dict[str, Any], limit: int, over: _OverBudge
         asked = f"asks for more than {over.amount:,} weight elements, {bound}"
     else:
         asked = f"asks for {over.amount:,} parameter and buffer elements, {bound}"
-    culprit = _culprit(name, kwargs, limit)
-    blame = (f" Most of it comes from config['kwargs'][{culprit[0]!r}] = {_short(culprit[1], 80)}."
-             if culprit is not None else f" Its kwargs: {_short(kwargs)}.")
     raise_it = (f"if the model really is this large, raise the limit with the environment variable "
                 f"{MAX_PARAMETERS_ENV} (or max_parameters=...)" if over.what != "calls" else
                 f"latentdiag.models.registry.MAX_BUILD_CALLS = {MAX_BUILD_CALLS:,} bounds the building work")
     return ResourceLimitError(
-        f"refused to build model {name!r}: its configuration {asked}.{blame} A checkpoint whose configuration is "
+        f"refused to build {label}: its configuration {asked}.{blame} A checkpoint whose configuration is "
         f"this large is damaged or not what it claims; {raise_it}.")
+
+
+def check_build_size(build: Callable[[], Any], *, what: str, config: Mapping[str, Any] | None = None,
+                     max_parameters: int | None = None) -> int | None:
+    """Run ``build()`` (a model constructor from a recorded configuration other than the registry's, e.g. a
+    pythae ``model_config.json``) on the meta device under the same limits as :func:`plan_model`, and return its
+    parameter + buffer count (None if it does not run on the meta device: a warning says nothing was checked).
+
+    Raises
+    ------
+    latentdiag.errors.ResourceLimitError
+        Over ``max_parameters`` (default :data:`MAX_PARAMETERS` / ``LATENTDIAG_MAX_PARAMETERS``) or over the
+        building work; the message names the largest numeric entry of ``config``.
+    """
+    limit = resolve_max_parameters(max_parameters)
+    try:
+        count, _ = _meta_run(build, what, "", limit)
+    except _MetaUnsupported as err:
+        warnings.warn(f"{what}: it does not build on the meta device ({err}), so the size of its configuration was "
+                      "not checked before building.", RuntimeWarning, stacklevel=2)
+        return None
+    except _OverBudget as over:
+        raise _resource_error(what, limit, over, _largest_entry(config)) from None
+    if count > limit:
+        raise _resource_error(what, limit, _OverBudget("parameters", count), _largest_entry(config))
+    return count
+
+
+def _largest_entry(config: Mapping[str, Any] | None) -> str:
+    def size(v: Any) -> float:
+        if isinstance(v, bool):
+            return 0
+        if isinstance(v, int):
+            return v
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return math.prod(v)
+        return 0
+
+    if not config:
+        return ""
+    key = max(config, key=lambda k: size(config[k]))
+    return f" Its largest entry is {key!r} = {_short(config[key], 80)}." if size(config[key]) > 1 else ""
 
 
 def _shrunk(value: Any, to: int) -> Any:
@@ -306,7 +365,7 @@ def _culprit(name: str, kwargs: dict[str, Any], limit: int) -> tuple[str, Any] |
             trial = {**kwargs, key: _shrunk(kwargs[key], to)}
             try:
                 count, _ = _meta_count(name, trial, limit, max_calls=MAX_BUILD_CALLS // 4)
-            except Exception:  # over budget again, or the shrunk value is not valid here (e.g. levels >= 2)
+            except (Exception, _OverBudget):  # over budget again, or the shrunk value is invalid (levels >= 2)
                 continue
             if count <= limit:
                 return key, kwargs[key]
