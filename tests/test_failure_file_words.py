@@ -70,7 +70,7 @@ def _write(path, kind):
 
 
 VALID_OTHER_KINDS = [
-    ("legacy_protocol4", [r"not a weights-only torch\.save file", "legacy", "protocol 4", "reads protocol 2"]),
+    ("legacy_protocol4", [r"not a weights-only torch\.save file", "legacy", "protocol 4", "default, protocol 2"]),
     ("zip_protocol4", [r"not a weights-only torch\.save file", "zip archive", "protocol 4"]),
     ("torchscript", [r"not a weights-only torch\.save file", "TorchScript archive", r"torch\.jit\.load"]),
     *[(f"pickle{p}", [r"not a weights-only torch\.save file", "plain pickle", "not written by torch.save"])
