@@ -116,9 +116,9 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
             raise CheckpointReadError(
                 f"cannot read checkpoint {fspath!r}: it is not a weights-only torch.save file: it is a valid "
                 f"{examined.what} whose pickle uses protocol {examined.protocol}, whose opcodes torch's "
-                "weights-only loader does not read (it reads torch.save's default, protocol 2). Re-save it with torch.save(obj, path) (no "
-                "pickle_protocol argument), or, if you trust the file, load it with trusted=True "
-                "(--trust-checkpoint on the command line).") from err
+                "weights-only loader does not read (it reads torch.save's default, protocol 2). Re-save it with "
+                "torch.save(obj, path) (no pickle_protocol argument), or, if you trust the file, load it with "
+                "trusted=True (--trust-checkpoint on the command line).") from err
         raise _unreadable(fspath, err) from err
     except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as err:
         raise _unreadable(fspath, err) from err
