@@ -77,6 +77,9 @@ def test_untrusted_pickled_objects_are_refused(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model)
     obj = torch.load(path, weights_only=True)
     obj["training"] = {"callback": pickle.loads(pickle.dumps(torch.nn.Linear(1, 1)))}
+    from latentdiag.models.checkpoint import content_hash
+
+    obj["content_sha256"] = content_hash(obj)   # an edited file must record its new content hash to load at all
     torch.save(obj, tmp_path / "evil.pt")
     from latentdiag import UnsafeCheckpointError
 

@@ -19,6 +19,7 @@ import re
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -391,13 +392,14 @@ def scan_pickle_globals(source: bytes | BinaryIO) -> tuple[set[str], int | None]
             protocol = int(arg)
         elif name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
-            found.add(_mapped(module, attr))
+            found.add(_mapped(module, attr, protocol))
             if name == "INST":
                 pop_to_mark()
             stack.append(_ANY)
         elif name == "STACK_GLOBAL":
             attr, module = pop(), pop()
-            found.add(_mapped(module, attr) if isinstance(module, str) and isinstance(attr, str) else _UNRESOLVED)
+            found.add(_mapped(module, attr, protocol) if isinstance(module, str) and isinstance(attr, str)
+                      else _UNRESOLVED)
             stack.append(_ANY)
         elif name in ("EXT1", "EXT2", "EXT4"):
             found.add(f"<extension code {arg}>")
@@ -430,15 +432,25 @@ def scan_pickle_globals(source: bytes | BinaryIO) -> tuple[set[str], int | None]
     return found, protocol
 
 
-def _mapped(module: str, name: str) -> str:
-    try:  # the same Python 2 -> 3 renames torch's weights-only unpickler applies
-        from torch._utils import IMPORT_MAPPING, NAME_MAPPING
-    except ImportError:  # pragma: no cover - older torch
-        from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-    if (module, name) in NAME_MAPPING:
-        module, name = NAME_MAPPING[(module, name)]
-    elif module in IMPORT_MAPPING:
-        module = IMPORT_MAPPING[module]
+def _mapped(module: str, name: str, protocol: int | None = None) -> str:
+    """The global an unpickler really imports: protocol 0-2 pickles hold Python 2 names (``commands call``,
+    ``__builtin__ eval``) that Python's unpickler (``fix_imports``, the trusted load) maps to their Python 3 names
+    (``subprocess.call``, ``builtins.eval``), as torch's weights-only unpickler does for the names it knows."""
+    if protocol is None or protocol < 3:
+        import _compat_pickle
+
+        try:  # torch's own table first (what the weights-only unpickler applies), then Python's
+            from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+        except ImportError:  # pragma: no cover - older torch
+            IMPORT_MAPPING, NAME_MAPPING = {}, {}
+        for names, modules in ((NAME_MAPPING, IMPORT_MAPPING),
+                               (_compat_pickle.NAME_MAPPING, _compat_pickle.IMPORT_MAPPING)):
+            if (module, name) in names:
+                module, name = names[(module, name)]
+                break
+            if module in modules:
+                module = modules[module]
+                break
     return f"{module}.{name}"
 
 
@@ -465,10 +477,7 @@ def _scan_zip(fspath: str) -> tuple[str, _Scan]:
                 shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
                 raise ValueError(f"{fspath!r} is a zip archive but not a torch checkpoint: it has no {pkl!r} "
                                  f"(members: {shown}). Expected a file written by torch.save.")
-            damaged = zf.testzip()             # reads every member and checks its CRC-32
-            if damaged is not None:
-                raise ValueError(f"{fspath!r} is corrupted: member {damaged!r} fails its CRC-32 check. Expected "
-                                 "an intact file written by torch.save.")
+            verify_zip_members(zf, fspath)     # reads every member and checks its CRC-32
             container = "torchscript" if f"{prefix}/constants.pkl" in names else "zip"
             with zf.open(pkl) as fh:
                 found, protocol = _scan_one(fspath, fh, f"the member {pkl!r}")
@@ -477,6 +486,36 @@ def _scan_zip(fspath: str) -> tuple[str, _Scan]:
     except (OSError, EOFError, RuntimeError) as err:  # zlib / struct errors inside zipfile
         raise ValueError(bad.format(f"{type(err).__name__}: {err}")) from err
     return container, _Scan(found, protocol)
+
+
+def verify_zip_members(zf: zipfile.ZipFile, fspath: str, error: type[Exception] = ValueError,
+                       lead: str | None = None) -> None:
+    """Read every member of an open zip archive in 1 MiB chunks and check its CRC-32 (and its local header against
+    the central directory), as ``torch.load`` does not: raise ``error`` naming the file and the first bad member
+    (its message starts with ``lead``, default ``"'<path>' is corrupted: "``).
+
+    The one CRC check of the package: :func:`inspect_checkpoint` and every weights-only load
+    (:func:`latentdiag.load_checkpoint`) call it. Members are streamed (stored or deflated alike), so memory stays
+    O(chunk) whatever the file's size.
+    """
+    lead = f"{fspath!r} is corrupted: " if lead is None else lead
+    for info in zf.infolist():
+        try:
+            with zf.open(info) as fh:
+                while fh.read(_CHUNK):
+                    pass
+        except zipfile.BadZipFile as err:
+            if "CRC" in str(err):
+                raise error(f"{lead}member {info.filename!r} fails its CRC-32 check "
+                            "(CRC-32 mismatch: the file is corrupted, a bit flipped or truncated); re-copy or "
+                            "re-save it.") from err
+            raise error(f"{lead}member {info.filename!r} cannot be read ({err}); the zip archive is damaged (a bit "
+                        "flipped or truncated): re-copy or re-save it.") from err
+        except (OSError, EOFError, RuntimeError, NotImplementedError, ValueError, struct.error, zlib.error) as err:
+            # zlib errors of a deflated member, a size past the end of the file, an unknown compression method
+            raise error(f"{lead}member {info.filename!r} cannot be read "
+                        f"({type(err).__name__}: {_first_line(err)}); the zip archive is damaged (a bit flipped or "
+                        "truncated): re-copy or re-save it.") from err
 
 
 def _scan_stream(fspath: str, head: bytes) -> tuple[str, _Scan]:

@@ -331,6 +331,11 @@ def load_pythae_folder(path: str | os.PathLike, *, trusted: bool = False) -> Any
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{weights_path!r} holds no 'model_state_dict' (pythae's layout); found {found}.")
+    from latentdiag.models.registry import check_build_size
+
+    # the recorded configuration is data from elsewhere: size it on the meta device before allocating anything
+    check_build_size(lambda: model_cls(config), what=f"the pythae model of {folder!r} ({model_cls.__name__})",
+                     config=raw)
     model = model_cls(config)
     if model_cls.__name__ == "RHVAE":  # as RHVAE.load_from_folder: the metric's matrices and centroids
         from pythae.models.rhvae.rhvae_utils import create_inverse_metric, create_metric

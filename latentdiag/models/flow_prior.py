@@ -68,17 +68,26 @@ class MADE(nn.Module):
         hidden = check_int("hidden", hidden)
         hidden_layers = check_int("hidden_layers", hidden_layers)
         self.reverse = bool(reverse)
-        order = torch.arange(1, dim + 1)
-        if self.reverse:
-            order = order.flip(0)
-        hidden_deg = torch.arange(hidden) % max(1, dim - 1) + 1
+        if torch.empty(0).is_meta:  # the size check of a recorded configuration (models.registry): shapes only
+            order, hidden_deg = torch.empty(dim, dtype=torch.long), torch.empty(hidden, dtype=torch.long)
+        else:
+            order = torch.arange(1, dim + 1)
+            if self.reverse:
+                order = order.flip(0)
+            hidden_deg = torch.arange(hidden) % max(1, dim - 1) + 1
+
+        def mask(rows: torch.Tensor, cols: torch.Tensor, strict: bool) -> torch.Tensor:
+            if rows.is_meta:
+                return torch.empty(rows.numel(), cols.numel())
+            return (rows[:, None] > cols[None, :] if strict else rows[:, None] >= cols[None, :]).float()
+
         layers: list[nn.Module] = []
         prev = order
         for _ in range(hidden_layers):
-            layers.append(_MaskedLinear(prev.numel(), hidden, (hidden_deg[:, None] >= prev[None, :]).float()))
+            layers.append(_MaskedLinear(prev.numel(), hidden, mask(hidden_deg, prev, False)))
             prev = hidden_deg
         self.hidden = nn.ModuleList(layers)
-        self.out = _MaskedLinear(hidden, dim, (order[:, None] > prev[None, :]).float())
+        self.out = _MaskedLinear(hidden, dim, mask(order, prev, True))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

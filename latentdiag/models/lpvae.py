@@ -279,6 +279,12 @@ def _out_channels(likelihood: str, channels: int, levels: int, mixtures: int) ->
     return num_params(channels, mixtures)
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (true or false); got {value!r} of type {type(value).__name__}.")
+    return value
+
+
 def _common(horizon: Any, latent_dim: Any, likelihood: Any, prior: Any, input_shape: Any, levels: Any,
             mixtures: Any, flow_steps: Any, flow_hidden: Any, flow_hidden_layers: Any):
     horizon = check_horizon(horizon)
@@ -339,6 +345,7 @@ def lpvae_mnist(horizon: int | str = 1, latent_dim: int = 32, *, likelihood: str
         horizon, latent_dim, likelihood, prior, input_shape, levels, mixtures, flow_steps, flow_hidden,
         flow_hidden_layers)
     hidden = check_int("hidden", hidden)
+    batchnorm = _check_bool("batchnorm", batchnorm)
     cond_channels = check_int("cond_channels", cond_channels)
     encoder = _MLPEncoder(math.prod(shape), hidden, check_int("encoder_layers", encoder_layers), latent_dim,
                           bool(batchnorm))
@@ -368,6 +375,9 @@ def lpvae_cifar(horizon: int | str = 1, latent_dim: int = 64, *, likelihood: str
         horizon, latent_dim, likelihood, prior, input_shape, levels, mixtures, flow_steps, flow_hidden,
         flow_hidden_layers)
     width, stages = check_int("width", width), check_int("stages", stages)
+    batchnorm = _check_bool("batchnorm", batchnorm)
+    if stages > 30:
+        raise ValueError(f"stages must be at most 30 (H and W must be divisible by 2^stages); got {stages}.")
     if shape[1] % (2 ** stages) or shape[2] % (2 ** stages):
         raise ValueError(f"input_shape H and W must be divisible by 2^stages = {2 ** stages}; got {list(shape)}.")
     cond_channels = check_int("cond_channels", cond_channels)

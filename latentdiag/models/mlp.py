@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from latentdiag._validation import check_int
+from latentdiag._validation import check_choice, check_int
 from latentdiag.adapters.modules import ModuleVAE, from_modules
 from latentdiag.models.registry import register_model
 
@@ -49,6 +49,14 @@ class MLPDecoder(nn.Module):
         return self.net(z).reshape(z.shape[0], *self.out_shape)
 
 
+def _int_list(name: str, value: object, *, allow_empty: bool = False) -> list[int]:
+    """A list / tuple of integers >= 1 (bools refused), as a configuration read from a file must hold."""
+    if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
+        raise TypeError(f"{name} must be a {'possibly empty ' if allow_empty else 'non-empty '}list of integers "
+                        f">= 1; got {value!r} of type {type(value).__name__}.")
+    return [check_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
 @register_model("mlp_vae")
 def mlp_vae(input_shape: Sequence[int], latent_dim: int = 16, *, hidden: Sequence[int] = (256, 256),
             likelihood: str = "bernoulli", levels: int = 256) -> ModuleVAE:
@@ -66,6 +74,10 @@ def mlp_vae(input_shape: Sequence[int], latent_dim: int = 16, *, hidden: Sequenc
         Bernoulli for binary data, or a ``levels``-way categorical per element (grey levels).
     """
     latent_dim = check_int("latent_dim", latent_dim)
+    input_shape = _int_list("input_shape", input_shape)
+    hidden = _int_list("hidden", hidden, allow_empty=True)
+    likelihood = check_choice("likelihood", likelihood, ("bernoulli", "categorical"))
+    levels = check_int("levels", levels, minimum=2)
     classes = levels if likelihood == "categorical" else 1
     return from_modules(GaussianMLPEncoder(input_shape, latent_dim, hidden),
                         MLPDecoder(input_shape, latent_dim, hidden, classes),

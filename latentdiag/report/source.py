@@ -30,10 +30,11 @@ class LoadedModel:
     kind: str                       # "reference", "factory" or "pythae"
     config: dict[str, Any] | None   # the reference model's (or pythae model's) configuration
     data: dict[str, Any] | None     # what the checkpoint says it was trained on
+    integrity: str | None = None    # a reference checkpoint's content hash: verified, or not recorded
 
     def provenance(self) -> dict[str, Any]:
         return {"checkpoint": self.path, "checkpoint_sha256": self.sha256, "model_source": self.kind,
-                "model_config": self.config, "trained_on": self.data}
+                "model_config": self.config, "trained_on": self.data, "checkpoint_integrity": self.integrity}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -121,9 +122,13 @@ def load_model(checkpoint: str | os.PathLike, *, factory: str | Callable[..., An
     Raises
     ------
     FileNotFoundError, UnsafeCheckpointError, CheckpointReadError, StateDictKeyError, ValueError, ImportError
-        Missing file or folder; a file (or pickled network) a weights-only load refuses; a corrupted or truncated
-        file; a state-dict key or prefix that does not match (the message lists the keys found); a file that is
-        not a reference checkpoint when no factory is given, or options that do not apply; pythae not installed.
+        Missing file or folder; a file (or pickled network) a weights-only load refuses; a corrupted (CRC-32 or
+        content hash mismatch) or truncated file, or another kind of file; a state-dict key or prefix that does not
+        match (the message lists the keys found); a file that is not a reference checkpoint when no factory is
+        given, or options that do not apply; pythae not installed.
+    latentdiag.errors.ResourceLimitError
+        A reference checkpoint whose recorded configuration asks for a model over the parameter limit
+        (:data:`latentdiag.models.registry.MAX_PARAMETERS`, ``LATENTDIAG_MAX_PARAMETERS``), refused before building.
     """
     path = os.fspath(checkpoint)
     is_dir = os.path.isdir(path)
@@ -149,7 +154,7 @@ def load_model(checkpoint: str | os.PathLike, *, factory: str | Callable[..., An
 
         ref = load_reference_checkpoint(path, trusted=trusted)
         return LoadedModel(model=ref.model, path=path, sha256=digest, kind="reference", config=ref.config,
-                           data=ref.data)
+                           data=ref.data, integrity=ref.integrity)
     if takes_path:
         model = fn(path)
     else:
