@@ -4,6 +4,7 @@ files (refused, nothing run)."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -208,3 +209,16 @@ def test_nan_made_by_the_model_is_short_and_blames_the_model():
     text = str(err.value)
     assert "Expected parameter loc (Tensor of shape (256, 2))" in text and "tensor(" not in text
     assert len(text) < 600 and "check_model" in text and isinstance(err.value.__cause__, ValueError)
+
+
+def test_integer_pixels_into_a_bernoulli_model_are_named_not_a_silent_rate():
+    """uint8 levels 0..255 into a bernoulli MLP VAE gave a rate of ~1e8 nats without a word (rate only encodes)."""
+    import latentdiag
+    from latentdiag.errors import InvalidDataError
+    from latentdiag.models import build_model
+
+    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 4}})
+    levels = torch.randint(0, 256, (10, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    with pytest.raises(InvalidDataError, match=r"x in \[0, 1\].*\[0, 25[0-9]\].*uint8"):
+        latentdiag.rate(model, levels)
+    assert math.isfinite(latentdiag.rate(model, (levels > 128).float()).value)

@@ -43,6 +43,8 @@ class ModuleVAE(nn.Module):
 
     # -- protocol ---------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Distribution:
+        if self.likelihood == "bernoulli":  # else integer pixels 0..255 give a silent, enormous rate
+            self._check_range(x)
         out = self.encoder(x)
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
             raise TypeError("the encoder must return a tuple (mean, log_variance) of two tensors of shape (B, D); "
@@ -116,10 +118,18 @@ class ModuleVAE(nn.Module):
             mean, std = params, torch.as_tensor(self.gaussian_std, dtype=params.dtype, device=params.device)
         return mean.reshape(samples, batch, *x.shape[1:]), std
 
+    @staticmethod
+    def _check_range(x: torch.Tensor) -> None:
+        lo, hi = (float(v) for v in torch.aminmax(x.float()))
+        if lo < 0 or hi > 1:
+            from latentdiag.errors import InvalidDataError
+
+            raise InvalidDataError(f"data: a bernoulli likelihood needs x in [0, 1]; got values in [{lo:.4g}, "
+                                   f"{hi:.4g}] (dtype {x.dtype}). Integer pixels 0..255 need format='binary' or "
+                                   "'float' (divide by 255).")
+
     def _check_unit_interval(self, x: torch.Tensor) -> None:
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError("a bernoulli likelihood needs x in [0, 1]; got values in "
-                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}].")
+        self._check_range(x)
         if not self._warned_nonbinary and not bool(((x == 0) | (x == 1)).all()):
             self._warned_nonbinary = True
             warnings.warn("bernoulli likelihood on non-binary x: the cross-entropy is not a normalised density of "
