@@ -385,7 +385,7 @@ def _describe(path: Path) -> str:
 def _limits(path: Path) -> tuple[int, int]:
     """NAME_MAX and PATH_MAX where ``path`` (its nearest existing folder) lives."""
     probe = path
-    while not probe.is_dir() and probe != probe.parent:
+    while not os.path.isdir(probe) and probe != probe.parent:  # isdir: False on any error (e.g. ENAMETOOLONG)
         probe = probe.parent
     try:
         return os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
@@ -401,19 +401,24 @@ def _common_checks(given: str, option: str, what: str) -> Path:
     if not given or "\0" in given:
         raise fail("the name is empty" if not given else "the name holds a NUL byte")
     path = Path(os.path.abspath(os.path.expanduser(given)))
+
+    def lengths(path: Path) -> None:  # before anything touches the file system (ENAMETOOLONG)
+        name_max, path_max = _limits(path)
+        if len(os.fsencode(os.fspath(path))) + TEMP_SUFFIX_BYTES >= path_max:
+            raise fail(f"the path is {len(os.fsencode(os.fspath(path)))} bytes long; paths here hold at most "
+                       f"{path_max - 1} bytes, {TEMP_SUFFIX_BYTES} of them taken by latentdiag's temporary name")
+        for part in path.parts[1:]:
+            if len(os.fsencode(part)) + TEMP_SUFFIX_BYTES > name_max:
+                raise fail(f"the name {part[:40]!r}... is {len(os.fsencode(part))} bytes long; names here hold at "
+                           f"most {name_max} bytes, and latentdiag writes through a temporary name "
+                           f"{TEMP_SUFFIX_BYTES} bytes longer (so at most {name_max - TEMP_SUFFIX_BYTES})")
+
+    lengths(path)
     if os.path.islink(path):
         if not os.path.exists(path):
             raise fail(f"it is a dangling symbolic link to {os.readlink(path)!r}")
         path = Path(os.path.realpath(path))
-    name_max, path_max = _limits(path)
-    for part in path.parts[1:]:
-        if len(os.fsencode(part)) + TEMP_SUFFIX_BYTES > name_max:
-            raise fail(f"the name {part[:40]!r}... is {len(os.fsencode(part))} bytes long; names here hold at most "
-                       f"{name_max} bytes, and latentdiag writes through a temporary name {TEMP_SUFFIX_BYTES} "
-                       f"bytes longer (so at most {name_max - TEMP_SUFFIX_BYTES})")
-    if len(os.fsencode(os.fspath(path))) + TEMP_SUFFIX_BYTES >= path_max:
-        raise fail(f"the path is {len(os.fsencode(os.fspath(path)))} bytes long; paths here hold at most "
-                   f"{path_max - 1} bytes, {TEMP_SUFFIX_BYTES} of them taken by latentdiag's temporary name")
+        lengths(path)
     # the nearest existing ancestor must be a folder we can write into
     ancestor = path.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
