@@ -403,7 +403,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
 
         with contextlib.ExitStack() as stack:
             _output_folder(stack, out)
-            if json_path:
+            if json_path is not None:
                 check_output_file(json_path, "--json")
             progress = _progress(no_progress, False)
             try:
@@ -426,7 +426,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
                             progress=progress, verbose=False, command="demo",
                             provenance={"checkpoint": str(final)})
             _emit(rep, "table", out, not no_plots, False)
-        if json_path:
+        if json_path is not None:
             with writing("--json", json_path):
                 atomic_write_text(json_path, render_report_json(rep))
             click.echo(f"wrote {json_path}", err=True)
@@ -473,7 +473,7 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
     def body():
         if (checkpoint is None) == (report_path is None):
             raise click.UsageError("give either CHECKPOINT or --report REPORT.json (one of them).")
-        if junit:
+        if junit is not None:
             check_output_file(junit, "--junit")
         try:
             config = gate.load_pyproject_rules(config_dir)
@@ -519,7 +519,7 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
             click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, allow_nan=False))
         elif outcomes:
             click.echo(gate.render_outcomes_table(outcomes))
-        if junit:
+        if junit is not None:
             with writing("--junit", junit):
                 atomic_write_text(junit, gate.render_junit(outcomes))
         code = gate.exit_code(outcomes, nofail=nofail)
