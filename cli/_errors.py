@@ -111,7 +111,6 @@ def writing(option: str, path: object) -> Iterator[None]:
 
 def _known(err: BaseException) -> tuple[int, str] | None:
     """Exit code and message of the library errors that do not subclass LatentdiagError."""
-    name = type(err).__name__
     mro = {cls.__name__ for cls in type(err).__mro__}
     if "BaselineMismatchError" in mro:
         return ExitCode.USAGE, str(err)
@@ -123,7 +122,6 @@ def _known(err: BaseException) -> tuple[int, str] | None:
         return ExitCode.RUNTIME, str(err)
     if isinstance(err, OSError):
         return ExitCode.RUNTIME, f"{err.strerror or err}" + (f": {err.filename!r}" if err.filename else "")
-    del name
     return None
 
 
@@ -140,10 +138,17 @@ def run_command(body: Callable[[], int | None], *, verbose: bool = False) -> Non
     with _signal_handlers():
         try:
             code = body() or ExitCode.OK
-        except click.exceptions.ClickException:
-            raise
-        except click.exceptions.Exit:
-            raise
+        except (click.exceptions.UsageError, click.exceptions.Exit):
+            raise  # click prints the usage line and exits 2 (or the Exit's code)
+        except click.exceptions.ClickException as err:  # click's own default is exit 1, which means "rule failed"
+            code, message = ExitCode.USAGE, err.format_message()
+        except click.exceptions.Abort as err:
+            failure = UserCodeExit("the command was aborted (click.Abort) without a SIGINT / SIGTERM: a runtime "
+                                   "error. Nothing was evaluated or checked.") if not _SIGNALS else None
+            if failure is None:
+                code, message = ExitCode.INTERRUPTED, "interrupted: no report file was left half-written"
+            else:
+                failure.__cause__ = err
         except KeyboardInterrupt as err:
             if _SIGNALS:
                 name = signal.Signals(_SIGNALS[0]).name

@@ -225,7 +225,11 @@ def folder_lock(target: str | os.PathLike) -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX (Windows): no lock, the folder switch still applies
+        yield target
+        return
 
     lock = _lock_path(target)
     while True:

@@ -195,10 +195,13 @@ def _code_of(exc: BaseException, capsys, verbose=False):
     (InvalidDataError("x"), 2), (OutputLocationError("x"), 2), (ProtocolViolationError("x"), 3),
     (UserCodeExit("x"), 3), (ResourceLimitError("x"), 3), (_errors.CommandError(4, "x"), 4),
     (PermissionError(errno.EACCES, "denied", "/a"), 3), (IndexError("boom"), 3), (RuntimeError("boom"), 3),
+    (SystemExit(0), 3), (SystemExit(), 3), (KeyboardInterrupt(), 3),  # no signal came: the user's code raised them
+    (__import__("click").ClickException("bad"), 2),  # click's default 1 would read as "a rule failed"
 ])
 def test_run_command_maps_every_class(exc, code, capsys):
     got, err = _code_of(exc, capsys)
     assert got == code and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert type(got) is int
 
 
 def test_known_library_errors_keep_their_codes(capsys):
