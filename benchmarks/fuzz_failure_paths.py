@@ -282,7 +282,7 @@ def class3(tmp: Path) -> None:
             else:
                 t._wait_for(proc, mark, moment)
             proc.send_signal(sig)
-            if moment == "switch" and sig != signal.SIGKILL:
+            if moment in ("switch", "switched") and sig != signal.SIGKILL:  # inside the switch: held off
                 time.sleep(0.2)
                 t._release(mark)
         for moment, sig, out, proc, mark, after in batch:

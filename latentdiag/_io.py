@@ -433,6 +433,7 @@ def _common_checks(given: str, option: str, what: str) -> Path:
         raise fail(f"{os.fspath(ancestor)!r} above it is {_describe(ancestor)}, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise fail(f"the folder {os.fspath(ancestor)!r} is not writable by this user")
+    clean_stale(ancestor / "latentdiag-probe")
     try:  # the proof (a read-only file system, /proc, ACLs, root): make and remove a temporary folder there
         os.rmdir(tempfile.mkdtemp(prefix=f".latentdiag-probe.{os.getpid()}.", suffix=".tmp", dir=ancestor))
     except OSError as err:
