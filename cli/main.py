@@ -1,45 +1,49 @@
 """``latentdiag`` commands. Thin: parse options, call the library, print, return an exit code.
 
-Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error (unloadable or refused checkpoint, model
-error, non-finite metric), 4 nothing evaluated.
+Exit codes (``latentdiag.errors.ExitCode``, mapped by :func:`latentdiag.cli._errors.run_command` for every
+command): 0 ok, 1 a check rule failed, 2 usage error (bad options or input data, an output location that cannot
+be written), 3 runtime error (unloadable or refused checkpoint, the user's factory or model failing or calling
+sys.exit(), non-finite metric), 4 nothing evaluated, 130 interrupted (SIGINT / SIGTERM). Output locations are
+checked before any model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 import latentdiag
+from latentdiag.cli._errors import CommandError, run_command, user_code, writing
+from latentdiag.errors import ExitCode, LatentdiagError
 
-EXIT_OK, EXIT_RULE, EXIT_USAGE, EXIT_RUNTIME, EXIT_NOTHING = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_RULE, EXIT_USAGE, EXIT_RUNTIME, EXIT_NOTHING = (
+    ExitCode.OK, ExitCode.RULE_FAILED, ExitCode.USAGE, ExitCode.RUNTIME, ExitCode.NOTHING_EVALUATED)
 FORMATS = ("table", "json", "csv", "md")
+SEED = click.IntRange(0, 2**32 - 1)
+SEED_HELP = "Seed of every estimator, 0 .. 4294967295 (2**32 - 1); the same seed gives the same numbers."
+_Fail = CommandError  # _Fail(code, message): stop a command with an exit code and a message on stderr
 
 
-class _Fail(Exception):
-    """Stop a command with an exit code and a message on stderr."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
+def _run(fn, verbose: bool = False) -> None:
+    """Call the body of a command and exit with its code (see :func:`latentdiag.cli._errors.run_command`)."""
+    run_command(fn, verbose=verbose)
 
 
-def _run(fn: Callable[[], int | None]) -> None:
-    """Call the body of a command; map library errors to exit codes (usage 2, runtime 3)."""
-    try:
-        code = fn() or EXIT_OK
-    except _Fail as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.code)
-    except click.ClickException:
-        raise
-    except KeyboardInterrupt:
-        click.echo("interrupted: no report file was left half-written", err=True)
-        sys.exit(130)
-    sys.exit(code)
+def _output_folder(stack: contextlib.ExitStack, out: str, option: str = "--out") -> Path:
+    """Check ``out`` before any work (exit 2 when it cannot be written) and take its lock now when its parent
+    exists (exit 3 when another run writes it), held until the command ends."""
+    from latentdiag._io import check_output_folder, folder_lock
+
+    path = check_output_folder(out, option)
+    if path.parent.is_dir():
+        with writing(option, out):
+            stack.enter_context(folder_lock(path))
+    return path
 
 
 def _progress(no_progress: bool, quiet: bool) -> bool:
@@ -52,7 +56,7 @@ def cli() -> None:
     """Diagnose trained latent variable models (VAEs): rate, distortion, IW-NLL, index-code MI, marginal KL,
     total correlation, active units, two-sample tests of q(z) against p(z), and more.
 
-    Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error, 4 nothing evaluated.
+    Exit codes: 0 ok, 1 a check rule failed, 2 usage error, 3 runtime error, 4 nothing evaluated, 130 interrupted.
     """
 
 
@@ -98,10 +102,11 @@ def _eval_options(fn):
                      help="Comma-separated metrics, 'default' or 'all' (see `latentdiag metrics`)."),
         click.option("--iw-samples", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Importance samples K for the IW-NLL."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True, help=SEED_HELP),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("-q", "--quiet", is_flag=True, help="Print only the requested output format."),
-        click.option("-v", "--verbose", is_flag=True, help="Say what runs and how long it takes (stderr)."),
+        click.option("-v", "--verbose", is_flag=True,
+                     help="Say what runs and how long it takes (stderr); a traceback with an error."),
         click.option("--no-progress", is_flag=True, help="Hide progress bars (they go to stderr, on terminals only)."),
     ]):
         fn = option(fn)
@@ -114,8 +119,6 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
     --device and --state-dict-key / --strip-prefix where they do not apply (2). A key or prefix that does not
     match the checkpoint is exit 3 (the message lists the keys found). ``state_dict_key`` / ``strip_prefix``
     default to the command's --state-dict-key / --strip-prefix."""
-    import os
-
     from latentdiag._runtime import resolve_device
     from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError, load_factory
     from latentdiag.report import load_model
@@ -138,21 +141,30 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
                                "--model factory receives; give --model "
                                "PACKAGE.MODULE:FUNCTION (a reference checkpoint or pythae folder loads by itself).")
     if factory is not None:
-        if os.getcwd() not in sys.path:  # like `python -m`: a factory in the current folder imports
-            sys.path.insert(0, os.getcwd())
+        spec = factory
+        _working_folder_last()
         try:
-            factory = load_factory(factory)
+            with user_code(f"importing the --model factory {spec!r}"):
+                factory = load_factory(factory)
+        except LatentdiagError:
+            raise
         except ValueError as err:
             raise click.UsageError(f"--model: {err}") from err
         except (ImportError, AttributeError, TypeError) as err:
             raise _Fail(EXIT_RUNTIME, f"--model: {err}") from err
+        except Exception as err:  # the module's own code ran on import: anything can come out
+            raise _Fail(EXIT_RUNTIME, f"--model: importing {spec!r} failed: {type(err).__name__}: {err}") from err
         if selecting and factory_takes_path(factory):
             raise click.UsageError(f"{' and '.join(selecting)} {'do' if len(selecting) > 1 else 'does'} not apply: "
                                    "the --model factory's first parameter "
                                    "is 'path', so it gets the checkpoint's path and loads it itself.")
+    who = "the --model factory" if factory is not None else "the model's code"
     try:
-        loaded = load_model(checkpoint, factory=factory, trusted=trust, state_dict_key=state_dict_key,
-                            strip_prefix=strip_prefix)
+        with user_code(f"{who} (building the model from {checkpoint!r})"):
+            loaded = load_model(checkpoint, factory=factory, trusted=trust, state_dict_key=state_dict_key,
+                                strip_prefix=strip_prefix)
+    except LatentdiagError:
+        raise
     except FileNotFoundError as err:
         raise _Fail(EXIT_RUNTIME, str(err)) from err
     except UnsafeCheckpointError as err:
@@ -166,10 +178,24 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
         raise _Fail(EXIT_RUNTIME, f"cannot build the model from {checkpoint!r}: {type(err).__name__}: {err}") from err
     if hasattr(loaded.model, "to"):
         try:
-            loaded.model.to(run_device)
+            with user_code(f"the model (moving it to {run_device})"):
+                loaded.model.to(run_device)
+        except LatentdiagError:
+            raise
         except Exception as err:
             raise _Fail(EXIT_RUNTIME, f"cannot move the model to {run_device}: {err}") from err
     return loaded
+
+
+def _working_folder_last() -> None:
+    """A --model module in the working folder imports, but the working folder never shadows an installed package
+    (a stray sklearn.py or tqdm.py there is not run): it goes at the end of sys.path, and an entry for it at the
+    front (``python -m`` puts one there) moves to the end."""
+    cwd = os.getcwd()
+    entries = [p for p in sys.path if p in ("", cwd) or (p and os.path.abspath(p) == cwd)]
+    for p in entries:
+        sys.path.remove(p)
+    sys.path.append(cwd)
 
 
 def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | None):
@@ -186,8 +212,16 @@ def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | No
     try:
         data = load_spec(spec, split, format=fmt, vocab=vocab,
                          max_len=getattr(loaded.model, "max_len", None) if vocab is not None else None)
+    except LatentdiagError:  # InvalidDataError (2) and the other classes keep their codes
+        raise
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise click.UsageError(f"--data: {err}") from err
+    except MemoryError:
+        raise
+    except Exception as err:
+        # an unreadable, truncated, refused (pickled code) or malformed data file: the data, not the model
+        raise click.UsageError(f"--data {spec!r}: cannot read it: {type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:500]}") from err
     data_vocab = getattr(data, "vocab", None)
     if vocab is not None and data_vocab is not None and tuple(data_vocab.tokens) != tuple(vocab.tokens):
         raise click.UsageError(f"--data {spec!r}: its vocabulary ({len(data_vocab)} tokens) is not the one the model "
@@ -215,7 +249,8 @@ def _head(data: Any, n: int) -> Any:
     return data[:n]
 
 
-def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, progress, verbose, command):
+def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, progress, verbose, command,
+              provenance=None):
     from latentdiag.estimators import NonFiniteEstimateError
     from latentdiag.report import resolve_metrics, run_report
 
@@ -229,9 +264,13 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
             click.echo(f"  {name}: {seconds:.2f} s", err=True)
 
     try:
-        return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
-                          progress=progress, on_metric=say,
-                          provenance_extra={"command": command, **loaded.provenance(), "data": data_info})
+        with user_code("the model (during evaluation)"):
+            return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
+                              progress=progress, on_metric=say,
+                              provenance_extra={"command": command, **loaded.provenance(), "data": data_info,
+                                                **(provenance or {})})
+    except LatentdiagError:
+        raise
     except NonFiniteEstimateError as err:
         raise _Fail(EXIT_RUNTIME, f"non-finite metric: {err}") from err
     except Exception as err:  # the model's own code can raise anything: a runtime error, never exit 1
@@ -242,7 +281,8 @@ def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
     from latentdiag.report import render_csv, render_markdown, render_report_json, render_report_table, write_report
 
     if out is not None:
-        written = write_report(report, out, formats=("json", "csv", "md", "html"), plots=plots)
+        with writing("--out", out):
+            written = write_report(report, out, formats=("json", "csv", "md", "html"), plots=plots)
         if not quiet:
             click.echo("wrote " + ", ".join(written), err=True)
     text = {"table": render_report_table, "json": render_report_json, "csv": render_csv,
@@ -257,7 +297,8 @@ def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
 @_model_options
 @_eval_options
 @click.option("--out", default="latentdiag-report", show_default=True, metavar="DIR",
-              help="Folder for report.json, report.csv, report.md and report.html.")
+              help="Folder for report.json, report.csv, report.md and report.html, replaced as a set (checked "
+                   "before anything runs).")
 @click.option("--no-files", is_flag=True, help="Write no files; print only.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="What goes to stdout.")
@@ -266,18 +307,21 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
            device, quiet, verbose, no_progress, out, no_files, fmt, no_plots):
     """Report on the model in CHECKPOINT: table on stdout, report files in --out."""
     def body():
-        loaded = _load(checkpoint, factory, trust_checkpoint, device)
-        data, info = _data(loaded, data_spec, data_format, split, limit)
-        if verbose:
-            click.echo(f"evaluating {checkpoint} on {info['spec']} ({info['split']}, n = {info['n']})", err=True)
-        rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
-                        progress=_progress(no_progress, quiet), verbose=verbose, command="report")
-        if not rep.results:
-            _emit(rep, fmt, None, False, quiet)
-            raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
-        _emit(rep, fmt, None if no_files else out, not no_plots, quiet)
-        return EXIT_OK
-    _run(body)
+        with contextlib.ExitStack() as stack:
+            if not no_files:
+                _output_folder(stack, out)
+            loaded = _load(checkpoint, factory, trust_checkpoint, device)
+            data, info = _data(loaded, data_spec, data_format, split, limit)
+            if verbose:
+                click.echo(f"evaluating {checkpoint} on {info['spec']} ({info['split']}, n = {info['n']})", err=True)
+            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+                            progress=_progress(no_progress, quiet), verbose=verbose, command="report")
+            if not rep.results:
+                _emit(rep, fmt, None, False, quiet)
+                raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+            _emit(rep, fmt, None if no_files else out, not no_plots, quiet)
+            return EXIT_OK
+    _run(body, verbose)
 
 
 @cli.command()
@@ -285,7 +329,8 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
 @_model_options
 @_eval_options
 @click.option("--labels", default=None, help="Comma-separated names for the checkpoints (default: file stems).")
-@click.option("--out", default=None, metavar="DIR", help="Also write compare.csv, compare.json and compare.html.")
+@click.option("--out", default=None, metavar="DIR",
+              help="Also write compare.csv, compare.json and compare.html into this folder (replaced as a set).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--mixed-membership/--no-mixed-membership", default=True, show_default=True,
               help="Also fit the mixed-membership model over the models' q(z) and the prior (when available).")
@@ -298,25 +343,35 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
         names = [s.strip() for s in labels.split(",")] if labels else [Path(c).stem for c in checkpoints]
         if len(names) != len(checkpoints) or len(set(names)) != len(names):
             raise click.UsageError(f"--labels must give {len(checkpoints)} distinct names; got {names}.")
-        loaded = {name: _load(c, factory, trust_checkpoint, device) for name, c in zip(names, checkpoints)}
-        first = next(iter(loaded.values()))
-        data, info = _data(first, data_spec, data_format, split, limit)
-        reports = {name: _evaluate(lm, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed,
-                                   device=device, progress=_progress(no_progress, quiet), verbose=verbose,
-                                   command="compare") for name, lm in loaded.items()}
-        if not any(r.results for r in reports.values()):
-            raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
-        result = compare_reports(reports, models={k: v.model for k, v in loaded.items()}, data=data,
-                                 mixed_membership=mixed_membership, seed=seed)
-        click.echo(render_compare(result, fmt).rstrip("\n"))
-        if out is not None:
-            from latentdiag.report.compare import write_compare
+        with contextlib.ExitStack() as stack:
+            if out is not None:
+                _output_folder(stack, out)
+            loaded = {name: _load(c, factory, trust_checkpoint, device) for name, c in zip(names, checkpoints)}
+            first = next(iter(loaded.values()))
+            data, info = _data(first, data_spec, data_format, split, limit)
+            reports = {name: _evaluate(lm, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed,
+                                       device=device, progress=_progress(no_progress, quiet), verbose=verbose,
+                                       command="compare") for name, lm in loaded.items()}
+            if not any(r.results for r in reports.values()):
+                raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+            try:
+                with user_code("the model (during the mixed-membership comparison)"):
+                    result = compare_reports(reports, models={k: v.model for k, v in loaded.items()}, data=data,
+                                             mixed_membership=mixed_membership, seed=seed)
+            except LatentdiagError:
+                raise
+            except Exception as err:
+                raise _Fail(EXIT_RUNTIME, f"the comparison failed: {type(err).__name__}: {err}") from err
+            click.echo(render_compare(result, fmt).rstrip("\n"))
+            if out is not None:
+                from latentdiag.report.compare import write_compare
 
-            written = write_compare(result, out)
-            if not quiet:
-                click.echo("wrote " + ", ".join(written), err=True)
-        return EXIT_OK
-    _run(body)
+                with writing("--out", out):
+                    written = write_compare(result, out)
+                if not quiet:
+                    click.echo("wrote " + ", ".join(written), err=True)
+            return EXIT_OK
+    _run(body, verbose)
 
 
 @cli.command()
@@ -327,44 +382,56 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
 @click.option("--iw-samples", type=click.IntRange(min=1), default=200, show_default=True,
               help="Importance samples K for the IW-NLL.")
 @click.option("--metrics", default=None, metavar="LIST", help="Comma-separated metrics, 'default' or 'all'.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the training and of every estimator, 0 .. 4294967295 (2**32 - 1).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", default="latentdiag-demo", show_default=True, metavar="DIR",
-              help="Folder for model.pt and the report files.")
+              help="Folder for model.pt and the report files, replaced as a set.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write report.json to this file.")
 @click.option("--no-plots", is_flag=True, help="Leave the plots out of report.html.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, json_path, no_plots, no_progress):
+@click.option("-v", "--verbose", is_flag=True, help="A traceback with an error.")
+def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, json_path, no_plots, no_progress,
+         verbose):
     """Train a small VAE on bundled data, save it as a checkpoint, and report on its test split."""
     def body():
-        from latentdiag._io import atomic_write_text
+        from latentdiag._io import atomic_write_text, check_output_file, replace_folder
         from latentdiag.demo import train_demo_model
         from latentdiag.models import save_checkpoint
         from latentdiag.report import render_report_json
 
-        progress = _progress(no_progress, False)
-        try:
-            model, losses = train_demo_model(data_name, epochs=epochs, latent_dim=latent_dim, seed=seed,
-                                             device=device, progress=progress)
-        except (ValueError, TypeError) as err:
-            raise click.UsageError(str(err)) from err
-        except (ArithmeticError, RuntimeError) as err:
-            raise _Fail(EXIT_RUNTIME, str(err)) from err
-        ckpt = save_checkpoint(Path(out) / "model.pt", model, data={"name": data_name, "format": "binary"},
-                               training={"epochs": epochs, "seed": seed, "history": losses})
-        click.echo(f"trained an MLP VAE (latent {latent_dim}) on {data_name} train ({epochs} epochs, final -ELBO "
-                   f"{losses[-1]:.2f} nats); saved {ckpt}", err=True)
-        loaded = _load(str(ckpt), None, False, device)
-        data, info = _data(loaded, None, None, "test", None)
-        rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
-                        progress=progress, verbose=False, command="demo")
-        _emit(rep, "table", out, not no_plots, False)
-        if json_path:
-            atomic_write_text(json_path, render_report_json(rep))
+        with contextlib.ExitStack() as stack:
+            _output_folder(stack, out)
+            if json_path is not None:
+                check_output_file(json_path, "--json")
+            progress = _progress(no_progress, False)
+            try:
+                model, losses = train_demo_model(data_name, epochs=epochs, latent_dim=latent_dim, seed=seed,
+                                                 device=device, progress=progress)
+            except (ValueError, TypeError) as err:
+                raise click.UsageError(str(err)) from err
+            except (ArithmeticError, RuntimeError) as err:
+                raise _Fail(EXIT_RUNTIME, str(err)) from err
+            final = Path(out) / "model.pt"
+            with writing("--out", out):
+                stage = stack.enter_context(replace_folder(out))  # model.pt and the report switch in together
+                ckpt = save_checkpoint(stage / "model.pt", model, data={"name": data_name, "format": "binary"},
+                                       training={"epochs": epochs, "seed": seed, "history": losses})
+            click.echo(f"trained an MLP VAE (latent {latent_dim}) on {data_name} train ({epochs} epochs, final "
+                       f"-ELBO {losses[-1]:.2f} nats); saving {final}", err=True)
+            loaded = _load(str(ckpt), None, False, device)
+            data, info = _data(loaded, None, None, "test", None)
+            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+                            progress=progress, verbose=False, command="demo",
+                            provenance={"checkpoint": str(final)})
+            _emit(rep, "table", out, not no_plots, False)
+        if json_path is not None:
+            with writing("--json", json_path):
+                atomic_write_text(json_path, render_report_json(rep))
             click.echo(f"wrote {json_path}", err=True)
         return EXIT_OK
-    _run(body)
+    _run(body, verbose)
 
 
 @cli.command()
@@ -385,7 +452,8 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
 @click.option("--z", "z", type=float, default=None, help="Standard errors allowed in a baseline comparison [3].")
 @click.option("--config", "config_dir", default=".", show_default=True, type=click.Path(),
               help="Folder (or file) whose pyproject.toml [tool.latentdiag.check] holds default rules.")
-@click.option("--junit", default=None, type=click.Path(dir_okay=False), help="Write JUnit XML here.")
+@click.option("--junit", default=None, type=click.Path(dir_okay=False),
+              help="Write JUnit XML here (checked before anything runs).")
 @click.option("--nofail", is_flag=True, help="Report failed rules but exit 0 (errors keep their codes).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_model_options
@@ -394,19 +462,22 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
           factory, trust_checkpoint, data_spec, data_format, split, limit, metrics, iw_samples, seed, device, quiet,
           verbose, no_progress):
     """Gate CI on a model's health: rules and baseline regressions. Exit 0 ok, 1 a rule failed, 2 usage error,
-    3 runtime error (unloadable checkpoint, model error, non-finite metric), 4 nothing evaluated."""
+    3 runtime error (unloadable checkpoint, model error, non-finite metric), 4 nothing evaluated, 130
+    interrupted."""
     import json
 
-    from latentdiag._io import atomic_write_text
+    from latentdiag._io import atomic_write_text, check_output_file
     from latentdiag.report import check as gate
     from latentdiag.report.render import report_document
 
     def body():
         if (checkpoint is None) == (report_path is None):
             raise click.UsageError("give either CHECKPOINT or --report REPORT.json (one of them).")
+        if junit is not None:
+            check_output_file(junit, "--junit")
         try:
             config = gate.load_pyproject_rules(config_dir)
-        except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
+        except (FileNotFoundError, ValueError, TypeError, ImportError, OSError) as err:
             raise click.UsageError(f"--config: {err}") from err
         rules = list(fail_if) or list(config.fail_if)
         base_path = baseline or config.baseline
@@ -427,6 +498,9 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
             doc = gate.load_report(report_path) if report_path else None
         except FileNotFoundError as err:
             raise click.UsageError(f"--report/--baseline: file not found: {err.filename or err}") from err
+        except OSError as err:
+            raise click.UsageError(f"--report/--baseline: cannot read {err.filename or ''}: "
+                                   f"{err.strerror or err}") from err
         except ValueError as err:
             raise click.UsageError(str(err)) from err
         if doc is None:
@@ -445,14 +519,15 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
             click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, allow_nan=False))
         elif outcomes:
             click.echo(gate.render_outcomes_table(outcomes))
-        if junit:
-            atomic_write_text(junit, gate.render_junit(outcomes))
+        if junit is not None:
+            with writing("--junit", junit):
+                atomic_write_text(junit, gate.render_junit(outcomes))
         code = gate.exit_code(outcomes, nofail=nofail)
         if code == EXIT_NOTHING and not quiet:
             click.echo("nothing was evaluated: give --fail-if rules or a --baseline (or [tool.latentdiag.check] "
                        "in pyproject.toml) that name metrics of the report", err=True)
         return code
-    _run(body)
+    _run(body, verbose)
 
 
 @cli.command()
@@ -460,7 +535,8 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
 @click.option("--trust-checkpoint", is_flag=True,
               help="List the contents of a file a weights-only load refuses by unpickling it (runs its code).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def inspect(checkpoint, trust_checkpoint, fmt):
+@click.option("-v", "--verbose", is_flag=True, help="A traceback with an error.")
+def inspect(checkpoint, trust_checkpoint, fmt, verbose):
     """What CHECKPOINT holds (keys, shapes, dtypes, sha256, pickle globals and which are blocked), without
     unpickling anything unsafe. Exit 3 when the file is unreadable or a weights-only load refuses it."""
     import json
@@ -469,8 +545,11 @@ def inspect(checkpoint, trust_checkpoint, fmt):
 
     def body():
         try:
-            info = inspect_checkpoint(checkpoint, trusted=trust_checkpoint)
-        except (FileNotFoundError, ValueError) as err:
+            with user_code(f"unpickling {checkpoint!r} (--trust-checkpoint)"):
+                info = inspect_checkpoint(checkpoint, trusted=trust_checkpoint)
+        except LatentdiagError:
+            raise
+        except (FileNotFoundError, ValueError, OSError) as err:
             raise _Fail(EXIT_RUNTIME, str(err)) from err
         click.echo(json.dumps(info.to_dict(), indent=2) if fmt == "json" else info.render())
         if not info.loadable_weights_only and info.loaded_with is None:
@@ -478,7 +557,7 @@ def inspect(checkpoint, trust_checkpoint, fmt):
             raise _Fail(EXIT_RUNTIME, f"a weights-only load refuses {checkpoint!r} ({blocked}); nothing was "
                                       "unpickled. Pass --trust-checkpoint only for files you trust.")
         return EXIT_OK
-    _run(body)
+    _run(body, verbose)
 
 
 def _register_train() -> None:
@@ -505,4 +584,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _working_folder_last()  # `python -m` put the working folder first: later imports must not find a stray tqdm.py
     main()

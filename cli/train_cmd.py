@@ -1,17 +1,43 @@
 """``latentdiag train``: train a reference LPVAE / FPVAE or the Transformer text VAE and write a checkpoint. Thin: parse, call
 :func:`latentdiag.train.trainer.train_reference`, print one line per epoch, exit code.
 
-Exit codes: 0 ok, 2 usage error, 3 runtime error.
+Exit codes (mapped by :func:`latentdiag.cli._errors.run_command`): 0 ok, 2 usage error (bad options, an --out that
+cannot be written: checked before training), 3 runtime error, 130 interrupted (SIGINT / SIGTERM: the checkpoint's
+temporary file is removed, the last complete checkpoint stays).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 import click
 
-EXIT_RUNTIME = 3
+from latentdiag.cli._errors import CommandError, run_command, writing
+from latentdiag.errors import ExitCode, LatentdiagError
+
+EXIT_RUNTIME = ExitCode.RUNTIME
+
+#: Options that shape the model or the data of a new run: a resumed run takes them from its checkpoint.
+_FIXED_BY_RESUME = ("model_name", "horizon", "latent_dim", "likelihood", "prior", "flow_steps", "local_layer",
+                    "channels", "res_blocks", "d_model", "heads", "ff_dim", "layers", "max_len", "injection",
+                    "word_dropout")
+#: The trainer's argument names in its resume messages, and the train options they stand for.
+_RESUME_NAMES = {"batch_size": "--batch-size", "lr": "--lr", "seed": "--seed", "objective": "--objective",
+                 "data": "--data", "data_dir": "--data-dir", "epochs": "--epochs"}
+
+
+def _option(name: str) -> str:
+    return "--model" if name == "model_name" else f"--{name.replace('_', '-')}"
+
+
+def _resume_message(message: str) -> str:
+    """The trainer's resume errors name its Python arguments (``lr was``, ``pass data=...``): say the options."""
+    message = re.sub(r"\bpass (\w+)=\.\.\.", lambda m: f"pass {_RESUME_NAMES.get(m[1], m[1])}", message)
+    message = re.sub(r"\bresume(?=[:\s])", "--resume", message)
+    return re.sub(r"(?<![-\w])(batch_size|lr|seed|objective|augment)(?= was)",
+                  lambda m: _RESUME_NAMES.get(m[1], "(recorded) " + m[1]), message)
 
 
 def _objective(name: str, beta: float | None, free_bits: float | None, anneal_schedule: str, anneal_steps: int,
@@ -88,9 +114,10 @@ def _line(rec: dict[str, Any], epochs: int, text: bool = False) -> str:
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder holding cifar-10-batches-py.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed (0).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None,
+              help="Seed, 0 .. 4294967295 (2**32 - 1) (default 0).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint written after every epoch (default: the --resume file).")
+              help="Checkpoint written after every epoch (default: the --resume file); checked before training.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Continue the run recorded in this checkpoint.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on with CUDA).")
@@ -108,6 +135,7 @@ def _line(rec: dict[str, Any], epochs: int, text: bool = False) -> str:
               help="transformer_vae: how z reaches the decoder (both).")
 @click.option("--word-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="transformer_vae: probability of replacing a decoder input word by <unk> in training (0).")
+@click.option("-v", "--verbose", is_flag=True, help="A traceback with an error.")
 def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str | None, prior: str,
           flow_steps: int | None, local_layer: str | None, channels: int | None, res_blocks: int | None,
           objective: str, beta: float | None, free_bits: float | None, anneal_schedule: str, anneal_steps: int,
@@ -116,14 +144,37 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
           data_dir: str | None, device: str, seed: int | None, out: str | None, resume: str | None,
           amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
           ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
-          word_dropout: float | None) -> None:
+          word_dropout: float | None, verbose: bool = False) -> None:
     """Train an LPVAE (local PixelCNN decoder of horizon h), an FPVAE or the Transformer text VAE and write a
     checkpoint that `latentdiag report` can read without a factory."""
+    options = {k: v for k, v in locals().items() if k != "verbose"}
+    ctx = click.get_current_context()
+    options["given"] = {name for name in _FIXED_BY_RESUME
+                        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    run_command(lambda: _train(**options), verbose=verbose)
+
+
+def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str | None, prior: str,
+           flow_steps: int | None, local_layer: str | None, channels: int | None, res_blocks: int | None,
+           objective: str, beta: float | None, free_bits: float | None, anneal_schedule: str, anneal_steps: int,
+           anneal_ratio: float, target_rate: float | None, multiplier_lr: float | None, mmd_weight: float | None,
+           kl_weight: float | None, epochs: int, batch_size: int | None, lr: float | None, data_name: str | None,
+           data_dir: str | None, device: str, seed: int | None, out: str | None, resume: str | None,
+           amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
+           ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
+           word_dropout: float | None, given: set[str]) -> int:
+    from latentdiag._io import check_output_file
     from latentdiag.train.trainer import train_reference
 
     out = out or resume
     if out is None:
         raise click.UsageError("--out is required (the checkpoint file), unless --resume names one.")
+    if resume is not None and given:
+        names = ", ".join(_option(n) for n in _FIXED_BY_RESUME if n in given)
+        raise click.UsageError(f"{names} {'do' if len(given) > 1 else 'does'} not apply with --resume: a resumed "
+                               "run rebuilds the model from the checkpoint. --epochs (the new "
+                               "total), --out, --device, --amp, --iw-samples, --data-dir and --progress apply.")
+    check_output_file(out, "--out")
     if progress is None:
         progress = sys.stderr.isatty()
     text_options = {"d_model": d_model, "heads": heads, "ff_dim": ff_dim, "encoder_layers": layers,
@@ -143,17 +194,19 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
         objective, beta, free_bits, anneal_schedule, anneal_steps, anneal_ratio, target_rate, multiplier_lr,
         mmd_weight, kl_weight)
     try:
-        result = train_reference(model_name, horizon=horizon, latent_dim=latent_dim, likelihood=likelihood,
+        with writing("--out", out):
+            result = train_reference(model_name, horizon=horizon, latent_dim=latent_dim, likelihood=likelihood,
                                  prior=prior, flow_steps=flow_steps, model_options=options, data=data_name,
                                  data_dir=data_dir, objective=obj, epochs=epochs, batch_size=batch_size, lr=lr,
                                  seed=seed, device=device, amp="auto" if amp is None else amp, out=out,
                                  resume=resume, iw_samples=iw_samples, progress=progress,
-                                 callback=lambda rec: click.echo(_line(rec, epochs, text)))
+                                     callback=lambda rec: click.echo(_line(rec, epochs, text)))
+    except LatentdiagError:
+        raise
     except (ValueError, TypeError) as err:
-        raise click.UsageError(str(err)) from err
-    except (ArithmeticError, RuntimeError, OSError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_RUNTIME)
+        raise click.UsageError(_resume_message(str(err)) if resume is not None else str(err)) from err
+    except (ArithmeticError, RuntimeError) as err:
+        raise CommandError(EXIT_RUNTIME, str(err)) from err
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     s = result.settings
@@ -161,3 +214,4 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
     click.echo(f"trained {what} for "
                f"{len(result.history)} epoch(s) on {s['device']} (world size {s['world_size']}, "
                f"amp {'on' if s['amp'] else 'off'}); wrote {result.checkpoint}")
+    return ExitCode.OK

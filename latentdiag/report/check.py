@@ -47,11 +47,13 @@ __all__ = [
     "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_USAGE", "EXIT_RUNTIME", "EXIT_NOTHING_EVALUATED",
 ]
 
-EXIT_OK = 0
-EXIT_RULE_FAILED = 1
-EXIT_USAGE = 2
-EXIT_RUNTIME = 3
-EXIT_NOTHING_EVALUATED = 4
+from latentdiag.errors import ExitCode  # noqa: E402  (the one table of exit codes)
+
+EXIT_OK = ExitCode.OK
+EXIT_RULE_FAILED = ExitCode.RULE_FAILED
+EXIT_USAGE = ExitCode.USAGE
+EXIT_RUNTIME = ExitCode.RUNTIME
+EXIT_NOTHING_EVALUATED = ExitCode.NOTHING_EVALUATED
 
 #: Standard errors of allowance of a baseline comparison. One-sided at 3 (0.13% false alarms per number when the
 #: standard error is right), because about ten numbers are gated at once and a re-run must stay green: at 2 the
@@ -819,8 +821,8 @@ def _settings_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ exit code
-def exit_code(outcomes: Sequence[RuleOutcome], *, nofail: bool = False) -> int:
-    """The process exit code for a list of outcomes.
+def exit_code(outcomes: Sequence[RuleOutcome], *, nofail: bool = False) -> ExitCode:
+    """The process exit code for a list of outcomes (an :class:`latentdiag.errors.ExitCode`, an ``int``).
 
     In order of precedence:
 

@@ -89,13 +89,14 @@ def render_compare(comparison: Comparison, fmt: str = "table") -> str:
 
 def write_compare(comparison: Comparison, out_dir: Any) -> list[str]:
     """compare.json, compare.csv and a self-contained compare.html (the rate-distortion plane of all models,
-    and the mixed-membership weights when fitted), each written atomically."""
+    and the mixed-membership weights when fitted), replacing the folder ``out_dir`` as a set (see
+    :func:`latentdiag.report.render.write_report`)."""
     import base64
     import html
     import io
     from pathlib import Path
 
-    from latentdiag._io import atomic_write_text
+    from latentdiag import _io
     from latentdiag.plots.report import rate_distortion_plot
 
     points = []
@@ -125,4 +126,7 @@ def write_compare(comparison: Comparison, out_dir: Any) -> list[str]:
             + "\n".join(parts) + "</body></html>\n")
     texts = {"compare.json": render_compare(comparison, "json"), "compare.csv": render_compare(comparison, "csv"),
              "compare.html": page}
-    return [str(atomic_write_text(Path(out_dir) / name, text)) for name, text in texts.items()]
+    with _io.replace_folder(out_dir) as stage:
+        for name, text in texts.items():
+            _io.write_text_durable(stage / name, text)
+    return [str(Path(out_dir) / name) for name in texts]

@@ -281,15 +281,17 @@ REPORT_FILES = {"json": ("report.json", render_report_json), "csv": ("report.csv
 
 def write_report(report: Any, out_dir: Any, *, formats: Sequence[str] = ("json", "csv", "html"),
                  plots: bool = True) -> list[str]:
-    """Write the report files into ``out_dir``, each to a temporary name then renamed (an interrupted run
-    leaves no half-written file). Returns the paths written."""
+    """Write the report files into the folder ``out_dir``, replacing it as a set: everything is rendered first
+    (a failing renderer writes nothing), written into a fresh sibling folder and switched in as a whole
+    (:func:`latentdiag._io.replace_folder`), so a reader sees the complete old report or the complete new one,
+    never a mix, and a second process writing the same folder fails at once. Files in ``out_dir`` that are not
+    report files (e.g. ``model.pt``) are kept. Returns the paths written."""
     from pathlib import Path
 
-    from latentdiag._io import atomic_write_text
+    from latentdiag import _io
 
-    out = Path(out_dir)
     texts = {}
-    for fmt in formats:  # render everything first: a failing renderer writes nothing
+    for fmt in formats:
         if fmt == "html":
             texts["report.html"] = render_html(report, plots=plots)
         elif fmt in REPORT_FILES:
@@ -297,4 +299,7 @@ def write_report(report: Any, out_dir: Any, *, formats: Sequence[str] = ("json",
             texts[name] = fn(report)
         else:
             raise ValueError(f"unknown report format {fmt!r}; expected one of json, csv, md, html.")
-    return [str(atomic_write_text(out / name, text)) for name, text in texts.items()]
+    with _io.replace_folder(out_dir) as stage:
+        for name, text in texts.items():
+            _io.write_text_durable(stage / name, text)
+    return [str(Path(out_dir) / name) for name in texts]
