@@ -62,11 +62,14 @@ def cli() -> None:
 
 # -- shared options --------------------------------------------------------------------------------------------
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    # kept in ctx.meta (not passed to the command) and read by _load / _evaluate
+    ctx.meta[f"latentdiag.{param.name}"] = value
+    return value
+
+
 def _model_options(fn):
-    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        # kept in ctx.meta (not passed to the command) and read by _load
-        ctx.meta[f"latentdiag.{param.name}"] = value
-        return value
+    remember = _remember
 
     for option in reversed([
         click.option("--model", "factory", default=None, metavar="PACKAGE.MODULE:FUNCTION",
@@ -103,6 +106,11 @@ def _eval_options(fn):
         click.option("--iw-samples", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Importance samples K for the IW-NLL."),
         click.option("--seed", type=SEED, default=0, show_default=True, help=SEED_HELP),
+        click.option("--max-pairs", "max_pairs", type=click.IntRange(min=4), default=None, metavar="N",
+                     expose_value=False, callback=_remember,
+                     help="Bound the quadratic work (aggregate posterior, MMD): above N sample-datapoint pairs they "
+                          "run on a seeded subsample of the datapoints, flagged 'subsampled' with its extra error. "
+                          "Default: no bound (a time estimate is shown when it is long)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("-q", "--quiet", is_flag=True, help="Print only the requested output format."),
         click.option("-v", "--verbose", is_flag=True,
@@ -263,10 +271,12 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
         if verbose:
             click.echo(f"  {name}: {seconds:.2f} s", err=True)
 
+    ctx = click.get_current_context(silent=True)
+    max_pairs = ctx.meta.get("latentdiag.max_pairs") if ctx is not None else None
     try:
         with user_code("the model (during evaluation)"):
             return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
-                              progress=progress, on_metric=say,
+                              progress=progress, on_metric=say, max_pairs=max_pairs,
                               provenance_extra={"command": command, **loaded.provenance(), "data": data_info,
                                                 **(provenance or {})})
     except LatentdiagError:

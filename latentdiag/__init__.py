@@ -3,6 +3,17 @@
 Import stays light: Pyro, matplotlib and pandas are imported only by the functions that use them.
 """
 
+import sys as _sys
+
+# `python -m latentdiag.cli.main` puts the working folder first on sys.path while the module is located
+# (sys.argv[0] == "-m"), so a stray tqdm.py or numpy.py there would shadow the installed package in the imports
+# below: move it to the end (after installed packages), as the console script has it. docs/cli.md.
+if _sys.argv and _sys.argv[0] == "-m" and _sys.path and _sys.path[0] not in ("",):
+    import os as _os
+
+    if _os.path.realpath(_sys.path[0]) == _os.path.realpath(_os.getcwd()):
+        _sys.path.append(_sys.path.pop(0))
+
 from latentdiag import adapters, testing
 from latentdiag.adapters import (
     CheckpointReadError,

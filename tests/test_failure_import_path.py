@@ -14,7 +14,7 @@ import torch
 
 from latentdiag.testing import LinearGaussianModel
 
-SHADOWED = ("scipy", "sklearn", "pandas", "matplotlib")
+SHADOWED = ("scipy", "sklearn", "pandas", "matplotlib", "tqdm", "numpy", "click", "torch")
 FAST = ["--iw-samples", "5", "--no-progress", "--device", "cpu", "--limit", "50", "--no-files", "-q"]
 CONSOLE = Path(sys.executable).with_name("latentdiag")
 

@@ -157,3 +157,27 @@ def test_run_report_max_pairs(low_mi):
     assert "subsampled" not in plain.result("mutual_information").flags
     with pytest.raises(ValueError, match="max_pairs must be an integer >= 4"):
         run_report(model, x, metrics=["aggregate"], max_pairs=0)
+
+
+def test_cli_max_pairs_bounds_the_report(tmp_path):
+    """``latentdiag report --max-pairs N`` reaches the aggregate metric: flagged, with the subsample's n."""
+    import json
+
+    from click.testing import CliRunner
+
+    from latentdiag.cli.main import cli
+    from latentdiag.models import build_model, save_checkpoint
+
+    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}})
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, data={"name": "digits", "format": "binary"})
+    args = ["report", str(ckpt), "--metrics", "aggregate", "--limit", "200", "--format", "json", "--no-files",
+            "--no-progress", "-q", "--device", "cpu"]
+    bounded = CliRunner().invoke(cli, [*args, "--max-pairs", "2500"])
+    assert bounded.exit_code == 0, bounded.output
+    mi = next(r for r in json.loads(bounded.stdout)["results"] if r["name"] == "mutual_information")
+    assert "subsampled" in mi["flags"] and mi["n"] == 50          # floor(sqrt(2500 / 1 sample per point))
+    full = CliRunner().invoke(cli, args)
+    mi_full = next(r for r in json.loads(full.stdout)["results"] if r["name"] == "mutual_information")
+    assert "subsampled" not in mi_full["flags"] and mi_full["n"] == 200
+    bad = CliRunner().invoke(cli, [*args, "--max-pairs", "0"])
+    assert bad.exit_code == 2 and "--max-pairs" in bad.output
