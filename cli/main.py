@@ -220,8 +220,8 @@ def _data(loaded, spec: str | None, fmt: str | None, split: str, limit: int | No
     try:
         data = load_spec(spec, split, format=fmt, vocab=vocab,
                          max_len=getattr(loaded.model, "max_len", None) if vocab is not None else None)
-    except LatentdiagError:  # InvalidDataError (2) and the other classes keep their codes
-        raise
+    except LatentdiagError as err:  # InvalidDataError (2) and the other classes keep their codes; say the option
+        raise type(err)(f"--data {spec!r}: {err}") from err
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise click.UsageError(f"--data: {err}") from err
     except MemoryError:
