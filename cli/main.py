@@ -482,9 +482,11 @@ def inspect(checkpoint, trust_checkpoint, fmt):
 
 
 def _register_train() -> None:
+    from latentdiag.cli.study_cmd import study
     from latentdiag.cli.train_cmd import train
 
     cli.add_command(train)
+    cli.add_command(study)
 
 
 _register_train()
