@@ -181,6 +181,14 @@ def test_data_the_study_cannot_use(tmp_path, name, data):
     assert not (tmp_path / "x" / "models").exists()
 
 
+def test_scale_the_study_does_not_have(tmp_path):
+    with pytest.raises(StudySettingsError, match="scale"):
+        run_study("rate-constraints", scale="paper", out=tmp_path / "x", log=None)
+    with pytest.raises(StudySettingsError, match="not both"):
+        run_study("horizons", quick=True, scale="paper", out=tmp_path / "x", log=None)
+    assert not (tmp_path / "x").exists()
+
+
 def test_out_of_another_study_or_other_settings(quick_runs, tmp_path):
     folder = quick_runs["horizons"][0]
     result = CliRunner().invoke(cli, ["study", "lossy-code", "--quick", "--out", str(folder)])

@@ -158,6 +158,7 @@ class Study:
     quick: Mapping[str, Any] = {}
     data_choices: tuple[str, ...] = ()
     data_groups: tuple[str, ...] = ()   # non-empty: ``data`` joins one set per group with "+"
+    scales: tuple[str, ...] = ("cpu",)  # model sizes ``scale`` may choose
 
     def check(self, settings: Mapping[str, Any]) -> None:
         """Refuse settings this study cannot use (raise :class:`~latentdiag.studies.StudySettingsError`) before

@@ -32,6 +32,7 @@ class Horizons(Study):
     quick = {"data": "digits", "epochs": 1, "seeds": 1, "latent_dim": 4, "iw_samples": 2, "size": "quick",
              "max_monitor": 100, "horizons": [0, 1, "full"], "probe_seeds": 1}
     data_choices = ("mnist5k", "digits", "mnist:")
+    scales = ("cpu", "paper")
 
     def plan(self, settings: Mapping[str, Any], measured: Mapping[str, Mapping[str, Measure]]) -> list[ModelRun]:
         sizes = {"cpu": _CPU, "paper": _PAPER, "quick": _QUICK}[settings["size"]]

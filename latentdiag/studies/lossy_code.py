@@ -48,7 +48,7 @@ class LossyCode(Study):
     title = "a local decoder makes the code lossy: a lower rate, the global content kept"
     paper = ("Chen, Kingma, Salimans, et al., \"Variational Lossy Autoencoder\" (ICLR 2017), Sections 3-4; "
              "Zhang et al. (2022), Figure 8")
-    defaults = {"data": "mnist5k", "epochs": 5, "seeds": 1, "latent_dim": 32, "horizon": 2, "iw_samples": 10,
+    defaults = {"data": "mnist5k", "epochs": 10, "seeds": 1, "latent_dim": 32, "horizon": 2, "iw_samples": 10,
                 "size": "cpu", "free_bits_total": 8.0, "flow_steps": 2, "flow_hidden": 256, "max_monitor": 500,
                 "decoding_points": 200, "shared_inputs": 6, "shared_samples": 5}
     quick = {"data": "digits", "epochs": 1, "seeds": 1, "latent_dim": 4, "horizon": 1, "iw_samples": 2,

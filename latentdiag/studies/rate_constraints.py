@@ -36,8 +36,8 @@ class RateConstraints(Study):
     title = "free bits against a minimum desired rate: rate, MI and marginal KL"
     paper = ("Barkhof, \"Learning statistically healthy latent spaces with TransformerVAEs\" (thesis), chapter 4, "
              "Figures 4.7 and 4.8 (PTB, latent 32)")
-    defaults = {"data": "topics+digits", "epochs": 4, "seeds": 1, "latent_dim": 16, "increments": [2.0, 4.0, 8.0],
-                "iw_samples": 10, "size": "cpu", "image_epochs_factor": 10, "max_monitor": 500,
+    defaults = {"data": "topics+digits", "epochs": 20, "seeds": 1, "latent_dim": 16, "increments": [2.0, 4.0, 8.0],
+                "iw_samples": 10, "size": "cpu", "image_epochs_factor": 3, "max_monitor": 500,
                 "mm_steps": 1500}
     quick = {"data": "topics+digits", "epochs": 1, "seeds": 1, "latent_dim": 4, "increments": [1.0, 2.0],
              "iw_samples": 2, "size": "quick", "image_epochs_factor": 1, "max_monitor": 100, "mm_steps": 50}

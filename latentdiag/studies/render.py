@@ -9,7 +9,7 @@ from typing import Any
 
 from latentdiag.studies.base import Study, Summary
 
-__all__ = ["render_study_markdown", "render_study_html", "rerun_command"]
+__all__ = ["render_study_markdown", "render_study_html", "rerun_command", "write_study_figures"]
 
 
 def _summary(doc: Mapping[str, Any], key: str, name: str) -> Summary | None:
@@ -27,6 +27,8 @@ def rerun_command(doc: Mapping[str, Any]) -> str:
     parts = ["latentdiag study", doc["study"]]
     if s.get("quick"):
         parts.append("--quick")
+    elif s.get("size", "cpu") != "cpu":
+        parts.append(f"--scale {s['size']}")
     parts += [f"--data {s['data']}", f"--epochs {s['epochs']}", f"--seeds {s['seeds']}",
               f"--out latentdiag-study-{doc['study']}"]
     return " ".join(parts)
@@ -117,3 +119,29 @@ def render_study_html(study: Study, doc: Mapping[str, Any], *, figures: bool = T
              "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}figcaption{font-weight:bold}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>latentdiag study {esc(doc['study'])}</title>"
             f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+def _slug(title: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
+
+
+def write_study_figures(study: Study, doc: Mapping[str, Any], folder: Any) -> list[str]:
+    """The study's figures as PNG files in ``folder`` (each written whole); returns their paths."""
+    import io
+    from pathlib import Path
+
+    from latentdiag._io import atomic_write
+
+    folder = Path(folder)
+    paths = []
+    for title, fig in study.figures(doc).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+
+        def write(tmp: str, data: bytes = buf.getvalue()) -> None:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+        paths.append(str(atomic_write(folder / f"{_slug(title)}.png", write)))
+    return paths

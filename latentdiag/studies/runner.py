@@ -60,12 +60,19 @@ def resolve_study(name: str) -> Study:
 
 
 def study_settings(study: Study, *, quick: bool = False, data: str | None = None, epochs: int | None = None,
-                   seeds: int | None = None) -> dict[str, Any]:
+                   seeds: int | None = None, scale: str | None = None) -> dict[str, Any]:
     """The study's defaults (or its quick settings) with the given overrides, checked."""
     from latentdiag._validation import check_int
 
     settings = dict(study.quick if quick else study.defaults)
     settings["quick"] = bool(quick)
+    if scale is not None:
+        if quick:
+            raise StudySettingsError("scale: --quick has its own tiny sizes; give --quick or --scale, not both.")
+        if scale not in study.scales:
+            raise StudySettingsError(f"scale: study {study.name!r} has model sizes {', '.join(study.scales)}; got "
+                                     f"{scale!r}.")
+        settings["size"] = scale
     if data is not None:
         def known(part: str) -> bool:
             return any((part == c and not c.endswith(":")) or (c.endswith(":") and part.startswith(c)
@@ -129,7 +136,7 @@ def _log_default(message: str) -> None:
 
 
 def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs: int | None = None,
-              seeds: int | None = None, device: Any = "auto", out: str | Path | None = None,
+              seeds: int | None = None, scale: str | None = None, device: Any = "auto", out: str | Path | None = None,
               log: Callable[[str], None] | None = _log_default) -> StudyResult:
     """Train the study's models (resuming finished and interrupted ones from ``out``), measure them, judge the
     paper's trends, and write ``study.json``, ``study.md`` and ``study.html`` to ``out``.
@@ -142,6 +149,8 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
         The tiny pipeline check (seconds per model): it tests the pipeline, not the trends.
     data, epochs, seeds
         Override the study's defaults (see ``docs/studies/NAME.md``).
+    scale : str, optional
+        Model sizes: ``"cpu"`` (the default) or, where the study has it, ``"paper"`` (the paper's sizes, for a GPU).
     device : str
         Training and evaluation device (``"auto"``: CUDA when available).
     out : path
@@ -155,7 +164,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
     from latentdiag.train.trainer import load_training_data, train_reference
 
     study = resolve_study(name)
-    settings = study_settings(study, quick=quick, data=data, epochs=epochs, seeds=seeds)
+    settings = study_settings(study, quick=quick, data=data, epochs=epochs, seeds=seeds, scale=scale)
     say = log or (lambda message: None)
     out = Path(out if out is not None else f"latentdiag-study-{study.name}")
     manifest = _check_manifest(out, study, settings)
@@ -282,13 +291,14 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
         "trends": [t.to_dict() for t in trends], "artifacts": artifacts,
         "provenance": _provenance(run_device, time.perf_counter() - start, timing),
     }
-    from latentdiag.studies.render import render_study_html, render_study_markdown
+    from latentdiag.studies.render import render_study_html, render_study_markdown, write_study_figures
     from latentdiag._io import atomic_write_text
 
     files = [str(atomic_write_text(out / "study.json", json.dumps(_clean(document), indent=2, allow_nan=False)
                                    + "\n")),
              str(atomic_write_text(out / "study.md", render_study_markdown(study, document))),
              str(atomic_write_text(out / "study.html", render_study_html(study, document)))]
+    files += write_study_figures(study, document, out / "figures")
     for t in trends:
         say(f"[{study.name}] {'holds' if t.holds else 'does not hold'}: {t.statement}")
     return StudyResult(document=document, trends=tuple(trends), files=tuple(files))
