@@ -571,9 +571,11 @@ def inspect(checkpoint, trust_checkpoint, fmt, verbose):
 
 
 def _register_train() -> None:
+    from latentdiag.cli.study_cmd import study
     from latentdiag.cli.train_cmd import train
 
     cli.add_command(train)
+    cli.add_command(study)
 
 
 _register_train()

@@ -620,8 +620,9 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
 
     Returns ``{"train", "test", "info", "input_shape", "levels", "augment"}``: ``"mnist5k"`` and ``"digits"``
     (bundled) as grey levels (``format="levels"``, stored as uint8; 256 and 17 levels) or binarised
-    (``format="binary"``, for the Bernoulli likelihood), ``"cifar10"`` read from ``data_dir`` with :func:`latentdiag.data.read_cifar10`
-    (levels, with the flip-and-crop augmentation).
+    (``format="binary"``, for the Bernoulli likelihood), ``"mnist:DIR"`` (full MNIST from a folder of IDX files,
+    :func:`latentdiag.data.read_mnist`), ``"cifar10"`` read from ``data_dir`` with
+    :func:`latentdiag.data.read_cifar10` (levels, with the flip-and-crop augmentation).
     """
     from latentdiag.data import DataSplit, digits, mnist5k, read_cifar10
 
@@ -634,9 +635,18 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
         return {"train": train_split, "test": test_split, "text": True, "augment": "none",
                 "info": {"name": data, "format": None, "kind": "text", "vocabulary": len(train_split.vocab),
                          "train_sentences": len(train_split), "test_sentences": len(test_split)}}
-    data = check_choice("data", data, ("mnist5k", "digits", "cifar10", "topics", "text:PATH"))
+    mnist_dir = data[len("mnist:"):] if isinstance(data, str) and data.startswith("mnist:") else None
+    if mnist_dir is None:
+        data = check_choice("data", data, ("mnist5k", "digits", "cifar10", "mnist:DIR", "topics", "text:PATH"))
     fmt = "binary" if likelihood == "bernoulli" else "levels"
-    if data == "cifar10":
+    if mnist_dir is not None:  # full MNIST from the user's IDX files (60,000 / 10,000)
+        from latentdiag.data import read_mnist
+
+        if not mnist_dir:
+            raise ValueError("data='mnist:DIR' needs the folder of the MNIST IDX files after 'mnist:'.")
+        train_split, test_split = (read_mnist(mnist_dir, s, format=fmt) for s in ("train", "test"))
+        shape, levels, aug = list(train_split.x.shape[1:]), 256, "none"
+    elif data == "cifar10":
         if data_dir is None:
             raise ValueError("data='cifar10' needs data_dir, the folder holding cifar-10-batches-py.")
         train_split, test_split = (read_cifar10(data_dir, s, format=fmt) for s in ("train", "test"))
