@@ -1,11 +1,13 @@
 """``latentdiag study``: reproduce a seed paper's finding with the toolkit. Thin: parse, call
-:func:`latentdiag.studies.run_study`, print the trends, exit code (0 ok, 2 usage error, 3 runtime error)."""
+:func:`latentdiag.studies.run_study`, print the trends; exit codes by :func:`latentdiag.cli._errors.run_command`
+(0 ok, whatever the trends say; 2 usage error: an unknown study, data it cannot use, an --out of another study or
+of other settings; 3 runtime error; 130 interrupted: rerun to resume)."""
 
 from __future__ import annotations
 
-import sys
-
 import click
+
+from latentdiag.cli._errors import run_command
 
 
 @click.command("study")
@@ -23,21 +25,17 @@ import click
               help="Folder of the runs (default latentdiag-study-NAME); rerunning resumes finished and interrupted "
                    "models.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def study(name, quick, data, epochs, seeds, scale, device, out, quiet):
+@click.option("-v", "--verbose", is_flag=True, help="A traceback with an error.")
+def study(name, quick, data, epochs, seeds, scale, device, out, quiet, verbose):
     """Train and measure the models of study NAME (horizons, rate-constraints, lossy-code); write study.json,
     study.md and study.html with each trend of the paper marked holds / does not hold."""
-    from latentdiag.studies import StudySettingsError, run_study
+    def body() -> None:
+        from latentdiag.studies import run_study
 
-    try:
-        result = run_study(name, quick=quick, data=data, epochs=epochs, seeds=seeds, scale=scale, device=device, out=out,
-                           log=None if quiet else (lambda m: click.echo(m, err=True)))
-    except StudySettingsError as err:
-        raise click.UsageError(str(err)) from err
-    except ValueError as err:  # e.g. a device that does not exist, a data path that cannot be read
-        raise click.UsageError(str(err)) from err
-    except (RuntimeError, OSError, ArithmeticError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(3)
-    for t in result.trends:
-        click.echo(f"{'holds' if t.holds else 'does not hold'}: {t.statement}")
-    click.echo("wrote " + ", ".join(result.files), err=True)
+        result = run_study(name, quick=quick, data=data, epochs=epochs, seeds=seeds, scale=scale, device=device,
+                           out=out, log=None if quiet else (lambda m: click.echo(m, err=True)))
+        for t in result.trends:
+            click.echo(f"{'holds' if t.holds else 'does not hold'}: {t.statement}")
+        if not quiet:
+            click.echo("wrote " + ", ".join(result.files), err=True)
+    run_command(body, verbose=verbose)

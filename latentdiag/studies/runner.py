@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentdiag.errors import ExitCode, LatentdiagError
 from latentdiag.studies.base import Measure, ModelRun, Study, Summary, Trend, summarise
 
 __all__ = ["StudyResult", "StudySettingsError", "run_study", "resolve_study", "study_settings"]
@@ -31,8 +32,10 @@ __all__ = ["StudyResult", "StudySettingsError", "run_study", "resolve_study", "s
 _MAX_PLAN_ROUNDS = 10
 
 
-class StudySettingsError(ValueError):
+class StudySettingsError(LatentdiagError, ValueError):
     """A study name, ``data`` or ``out`` the study cannot use (a usage error: exit 2 in the CLI)."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
