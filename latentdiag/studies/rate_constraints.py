@@ -178,11 +178,13 @@ class RateConstraints(Study):
                 lo = [r["marginal_kl_lower"]["mean"] for r in rows]
                 hi = [r["marginal_kl_upper"]["mean"] for r in rows]
                 line = ax.plot(rate, [v if v is not None else math.nan for v in mm], marker=marker, ls="-",
-                               label=f"{obj} (mixed membership)")[0]
-                ax.vlines(rate, lo, hi, color=line.get_color(), alpha=0.35, lw=4)
+                               label=f"{obj}: mixed membership")[0]
+                ax.plot(rate, lo, marker=marker, ls="--", color=line.get_color(), mfc="none",
+                        label=f"{obj}: bracket lower end")
+                ax.vlines(rate, lo, hi, color=line.get_color(), alpha=0.3, lw=4)
             ax.set_xlabel("rate (nats)")
             ax.set_ylabel("marginal KL (nats)")
-            ax.set_title(f"{group}: marginal KL against rate (bars: the bracket)")
+            ax.set_title(f"{group}: marginal KL against rate (bars: the bracket, lower to upper end)", fontsize=9)
             ax.legend(fontsize=8)
         figs = {"Marginal KL against rate per objective (the thesis' Figure 4.8)": fig}
         for group in groups:

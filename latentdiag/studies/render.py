@@ -71,8 +71,10 @@ def render_study_markdown(study: Study, doc: Mapping[str, Any]) -> str:
     lines = [f"# Study `{doc['study']}`: {doc['title']}", "", f"Paper: {doc['paper']}", "",
              f"Run: data {s['data']}, {s['epochs']} epoch(s), {s['seeds']} seed(s)"
              + (" (--quick: a pipeline check, not the paper's scale)" if s.get("quick") else "")
-             + f"; device {prov['device']}, {prov['threads']} torch thread(s); wall time "
-             f"{prov['wall_seconds'] / 60:.1f} min; latentdiag {prov['latentdiag']}, torch {prov['torch']}.", "",
+             + f"; device {prov['device']}, torch threads {', '.join(map(str, prov['threads']))}; "
+             f"{sum(prov['seconds_per_model'].values()) / 60:.1f} min of training and measuring (the sum over "
+             f"models, resumed runs included; this call {prov['wall_seconds'] / 60:.1f} min); latentdiag "
+             f"{prov['latentdiag']}, torch {prov['torch']}.", "",
              "Values: mean ± sd over seeds (one seed: ± the within-run standard error).", "",
              _md_table(_table(study, doc)), ""]
     paper = _paper_rows(study, doc)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from latentdiag.errors import ExitCode, LatentdiagError
 from latentdiag.studies.base import Measure, ModelRun, Study, Summary, Trend, summarise
 
@@ -184,6 +186,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
     measures: dict[tuple[str, int], dict[str, Measure]] = {}
     artifacts: dict[str, Any] = {}
     timing: dict[str, float] = {}
+    threads: dict[str, int | None] = {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
     (out / "measures").mkdir(exist_ok=True)
@@ -210,6 +213,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
             measures[(run.key, seed)] = {k: Measure.from_dict(v) for k, v in cached["measures"].items()}
             artifacts[stem] = cached.get("artifacts", {})
             timing[stem] = cached.get("seconds", math.nan)
+            threads[stem] = cached.get("threads")
             say(f"[{study.name}] {run.label} seed {seed}: finished earlier (measures from {cache})")
             return None
         t0 = time.perf_counter()
@@ -232,7 +236,8 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
         values, art = study.measure(model, run, data_for(run), settings, seed)
         seconds = time.perf_counter() - t0
         measures[(run.key, seed)], artifacts[stem], timing[stem] = values, art, seconds
-        _write_json(cache, {"epochs": epochs, "seconds": seconds,
+        threads[stem] = torch.get_num_threads()
+        _write_json(cache, {"epochs": epochs, "seconds": seconds, "threads": threads[stem],
                             "measures": {k: v.to_dict() for k, v in values.items()}, "artifacts": art})
         say(f"[{study.name}] {run.label} seed {seed}: measured in {seconds:.0f} s")
         return model
@@ -292,7 +297,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
         "table": {k: {n: s.to_dict() for n, s in v.items()} for k, v in table.items()},
         "per_seed": {f"{k}-seed{s}": {n: m.to_dict() for n, m in v.items()} for (k, s), v in measures.items()},
         "trends": [t.to_dict() for t in trends], "artifacts": artifacts,
-        "provenance": _provenance(run_device, time.perf_counter() - start, timing),
+        "provenance": _provenance(run_device, time.perf_counter() - start, timing, threads),
     }
     from latentdiag.studies.render import render_study_html, render_study_markdown, write_study_figures
     from latentdiag._io import atomic_write_text
@@ -323,12 +328,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _provenance(device: Any, seconds: float, timing: Mapping[str, float]) -> dict[str, Any]:
-    import torch
-
+def _provenance(device: Any, seconds: float, timing: Mapping[str, float],
+                threads: Mapping[str, int | None]) -> dict[str, Any]:
     import latentdiag
 
+    used = sorted({t for t in threads.values() if t is not None})
     return {"latentdiag": latentdiag.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "device": str(device), "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "device": str(device),
+            "threads": used or [torch.get_num_threads()],
             "wall_seconds": round(seconds, 1), "seconds_per_model": {k: round(v, 1) for k, v in timing.items()
                                                                      if math.isfinite(v)}}
