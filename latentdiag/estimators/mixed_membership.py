@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
+from latentdiag._distributions import is_diagonal_normal
 from latentdiag._runtime import mix_seed, resolve_device, seeded
 from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.errors import InsufficientDataError
@@ -1183,8 +1184,8 @@ def _to_cpu_double(d: Distribution) -> Distribution:
     """A copy of a Normal / Independent(Normal) / MultivariateNormal on the CPU in float64 (others unchanged)."""
     if isinstance(d, Normal):
         return Normal(d.loc.detach().to("cpu", torch.float64), d.scale.detach().to("cpu", torch.float64))
-    if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
-        return Independent(_to_cpu_double(d.base_dist), d.reinterpreted_batch_ndims)
+    if is_diagonal_normal(d):
+        return Independent(_to_cpu_double(d.base_dist), 1)
     if isinstance(d, MultivariateNormal):
         return MultivariateNormal(d.loc.detach().to("cpu", torch.float64),
                                   scale_tril=d.scale_tril.detach().to("cpu", torch.float64))
