@@ -66,7 +66,7 @@ def check_model(model: Any, x: Any, *, samples: int = 2, seed: int = 0) -> Model
     Returns
     -------
     ModelCheck
-        The latent dimension, capabilities and whether an analytic KL(q || p) is registered in torch.
+        The latent dimension, capabilities and whether torch ships an analytic KL(q || p) for the pair.
 
     Raises
     ------

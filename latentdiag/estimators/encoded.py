@@ -44,7 +44,7 @@ class EncodedTable:
     labels : Tensor (N,) or None
         Labels carried by the data, when present.
     kl : numpy.ndarray (N,)
-        KL(q(z|x) || p(z)) per datapoint: analytic where torch registers it, else Monte Carlo (``kl_method``).
+        KL(q(z|x) || p(z)) per datapoint: analytic where torch ships a formula, else Monte Carlo (``kl_method``).
     """
 
     family: str
@@ -140,7 +140,7 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
     batch_size : int
         Batch size for whole-data tensors and Datasets.
     kl_samples : int
-        Samples per datapoint for a Monte Carlo KL when torch registers no analytic KL for q and p.
+        Samples per datapoint for a Monte Carlo KL when torch ships no analytic KL for q and p.
     seed, device, progress
         As in :func:`latentdiag.rate`.
     """

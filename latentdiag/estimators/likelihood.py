@@ -109,7 +109,7 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
     """Evidence lower bound ELBO = E_data [E_q log p(x|z) - KL(q(z|x) || p(z))], in nats per datapoint.
 
     ELBO <= log p(x), so -ELBO is an upper bound on the NLL (the number several codebases print as "NLL").
-    The KL is analytic where torch registers one, else estimated from the same samples as the expectation.
+    The KL is analytic where torch ships one, else estimated from the same samples as the expectation.
     ``extra`` holds the mean rate and distortion (ELBO = -(rate + distortion)) and, with ``num_dims``, the
     bits/dim of -ELBO. Reference: Kingma & Welling, "Auto-Encoding Variational Bayes" (2014).
     """
