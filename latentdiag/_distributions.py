@@ -49,7 +49,19 @@ def _torch_own_rules() -> ModuleType:
     return module
 
 
-_RULES = _torch_own_rules()
+def _rules() -> ModuleType:
+    try:
+        return _torch_own_rules()
+    except Exception as err:  # pragma: no cover - a torch without kl.py source, or one whose kl.py cannot re-run
+        import warnings
+
+        warnings.warn(f"latentdiag could not make a private copy of torch's KL rules ({type(err).__name__}: {err}); "
+                      "analytic KLs now follow torch's shared registry, which other imports (Pyro) can change.",
+                      RuntimeWarning, stacklevel=2)
+        return _torch_kl
+
+
+_RULES = _rules()
 
 
 def is_diagonal_normal(d: object) -> bool:
