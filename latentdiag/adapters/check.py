@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution
 
+from latentdiag._distributions import analytic_kl
 from latentdiag._runtime import evaluation, model_device, seeded
 from latentdiag.adapters.protocol import CAPABILITIES, distribution_problem, has_capability
 from latentdiag.errors import ProtocolViolationError
@@ -65,7 +66,7 @@ def check_model(model: Any, x: Any, *, samples: int = 2, seed: int = 0) -> Model
     Returns
     -------
     ModelCheck
-        The latent dimension, capabilities and whether an analytic KL(q || p) is registered in torch.
+        The latent dimension, capabilities and whether torch ships an analytic KL(q || p) for the pair.
 
     Raises
     ------
@@ -154,10 +155,7 @@ def _check(model: Any, x: torch.Tensor, batch: int, samples: int, problems: list
                               _call(problems, "prior().log_prob(z)", p.log_prob, z), (samples, batch))
         if prior_ok:
             try:
-                kl_divergence(q, p)
-                analytic = True
-            except NotImplementedError:
-                analytic = False
+                analytic = analytic_kl(q, p) is not None
             except Exception as err:  # noqa: BLE001 -- a registered KL that fails is a model problem
                 problems.append(f"kl_divergence(encode(x), prior()) raised {type(err).__name__}: {err}")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device, seeded
@@ -17,7 +17,7 @@ from latentdiag._validation import check_int, check_seed, clip_message
 from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
 from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 
-__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "kl_per_datapoint", "mean_and_stderr", "with_num_dims",
+__all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "with_num_dims",
            "per_datapoint_pass", "per_dim_extras"]
 
 _LN2 = math.log(2.0)
@@ -176,19 +176,6 @@ def encode_checked(model: Any, x: torch.Tensor) -> tuple[Distribution, Distribut
     require_valid_distribution(q, "encode(x)")
     require_valid_distribution(p, "prior()")
     return q, p
-
-
-def kl_per_datapoint(q: Distribution, p: Distribution, mc_samples: int) -> tuple[torch.Tensor, bool]:
-    """KL(q(z|x) || p(z)) per datapoint in float64, and whether it is analytic.
-
-    Analytic where ``torch.distributions.kl_divergence`` has a registered formula, else the Monte Carlo estimate
-    (1/S) sum_s [log q(z_s|x) - log p(z_s)] with S = ``mc_samples`` draws z_s ~ q(z|x).
-    """
-    try:
-        return kl_divergence(q, p).to(torch.float64), True
-    except NotImplementedError:
-        z = q.sample((mc_samples,))
-        return (q.log_prob(z).to(torch.float64) - p.log_prob(z).to(torch.float64)).mean(0), False
 
 
 def with_num_dims(model: Any, x: torch.Tensor, columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

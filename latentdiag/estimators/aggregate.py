@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Normal
 
 from latentdiag._batching import DataLike
+from latentdiag._distributions import analytic_kl, diagonal_marginals, is_diagonal_normal
 from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
@@ -509,11 +510,11 @@ def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode
     """
     table = as_table(model_or_table, data, encode_kwargs)
     prior = table.prior
-    if table.family != "diag_normal" or not (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)):
+    if table.family != "diag_normal" or not is_diagonal_normal(prior):
         raise UnsupportedModelError("per_dimension_kl needs a diagonal Normal posterior and an Independent(Normal) prior; got "
                         f"{table.family} posterior and {type(prior).__name__} prior.")
-    base = prior.base_dist
-    kl = kl_divergence(Normal(table.loc, table.scale), Normal(base.loc.double().cpu(), base.scale.double().cpu()))
+    loc, scale = diagonal_marginals(prior)
+    kl = analytic_kl(Normal(table.loc, table.scale), Normal(loc.double().cpu(), scale.double().cpu()))
     per_point = kl.sum(1).numpy()
     value, stderr = mean_and_stderr(per_point)
     kl_dims = kl.mean(0).numpy()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from latentdiag._batching import DataLike, iter_batches
+from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
 from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
 from latentdiag._validation import check_int, check_seed
 from latentdiag.adapters.protocol import require_capability
@@ -513,10 +514,13 @@ def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None
     with evaluation(model), torch.no_grad():
         q, p = model.encode(x.to(device)), model.prior()
         eps = torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64)
-        z_post = (q.base_dist.loc + q.base_dist.scale * eps.to(q.base_dist.loc)) if hasattr(q, "base_dist") \
-            else q.sample()
-        z_prior = p.base_dist.loc + p.base_dist.scale * torch.randn(x.shape[0], q.event_shape[0], generator=gen,
-                                                                    dtype=torch.float64).to(p.base_dist.loc)
+        if is_diagonal_normal(q):
+            loc, scale = diagonal_marginals(q)
+            z_post = loc + scale * eps.to(loc)
+        else:
+            z_post = q.sample()
+        loc, scale = diagonal_marginals(p)
+        z_prior = loc + scale * torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64).to(loc)
         post, prior = model.generate(z_post), model.generate(z_prior)
     return {"input": [vocab.decode(r) for r in x], "posterior": [vocab.decode(r) for r in post],
             "prior": [vocab.decode(r) for r in prior]}

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Normal
 
 from latentdiag._batching import DataLike
 from latentdiag._runtime import mix_seed
+from latentdiag._distributions import diagonal_marginals, is_diagonal_normal, kl_divergence
 from latentdiag._validation import check_int
-from latentdiag.estimators._common import encode_checked, kl_per_datapoint, per_datapoint_pass
+from latentdiag.estimators._common import encode_checked, per_datapoint_pass
 
 __all__ = ["EncodedTable", "diag_normal_log_prob", "encode"]
 
@@ -43,7 +44,7 @@ class EncodedTable:
     labels : Tensor (N,) or None
         Labels carried by the data, when present.
     kl : numpy.ndarray (N,)
-        KL(q(z|x) || p(z)) per datapoint: analytic where torch registers it, else Monte Carlo (``kl_method``).
+        KL(q(z|x) || p(z)) per datapoint: analytic where torch ships a formula, else Monte Carlo (``kl_method``).
     """
 
     family: str
@@ -139,7 +140,7 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
     batch_size : int
         Batch size for whole-data tensors and Datasets.
     kl_samples : int
-        Samples per datapoint for a Monte Carlo KL when torch registers no analytic KL for q and p.
+        Samples per datapoint for a Monte Carlo KL when torch ships no analytic KL for q and p.
     seed, device, progress
         As in :func:`latentdiag.rate`.
     """
@@ -148,15 +149,15 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
 
     def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         q, p = encode_checked(model, x)
-        family = "diag_normal" if _is_diag_normal(q) else "generic"
+        family = "diag_normal" if is_diagonal_normal(q) else "generic"
         if state["family"] not in (None, family):
             raise ValueError("model.encode returned different posterior families for different batches.")
         state["family"], state["prior"] = family, p
-        kl, analytic = kl_per_datapoint(q, p, kl_samples)
+        kl, analytic = kl_divergence(q, p, samples=kl_samples, dtype=torch.float64)
         state["analytic"] &= analytic
         out = {"kl": kl, "mean": q.mean}
         if family == "diag_normal":
-            out["loc"], out["scale"] = q.base_dist.loc, q.base_dist.scale
+            out["loc"], out["scale"] = diagonal_marginals(q)
         else:
             state["batches"].append(q)
         return out
@@ -197,11 +198,6 @@ def _encode_pass(model, data, per_batch, batch_size, seed, device, progress, sta
 
     return per_datapoint_pass(model, with_labels(), per_batch, estimator="encode", batch_size=batch_size, seed=seed,
                               device=device, progress=progress)
-
-
-def _is_diag_normal(q: Distribution) -> bool:
-    return (isinstance(q, Independent) and isinstance(q.base_dist, Normal)
-            and q.reinterpreted_batch_ndims == 1)
 
 
 def diag_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
+from latentdiag._distributions import is_diagonal_normal
 from latentdiag._runtime import mix_seed, resolve_device, seeded
 from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.errors import InsufficientDataError
@@ -1171,7 +1172,7 @@ def _marginal_log_probs(prior: Distribution, z: torch.Tensor) -> torch.Tensor:
         loc = prior.loc.detach().to("cpu", torch.float64).expand(z.shape[1])
         var = torch.diagonal(prior.covariance_matrix.detach().to("cpu", torch.float64), dim1=-2, dim2=-1)
         return Normal(loc, var.sqrt()).log_prob(z)
-    if isinstance(prior, Independent) and prior.reinterpreted_batch_ndims == 1:
+    if _factorises(prior):
         base = _to_cpu_double(prior.base_dist)
         with torch.no_grad():
             return base.log_prob(z).to(torch.float64)
@@ -1179,12 +1180,18 @@ def _marginal_log_probs(prior: Distribution, z: torch.Tensor) -> torch.Tensor:
                      f"(e.g. Independent(Normal(loc, scale), 1)) or a MultivariateNormal; got {type(prior).__name__}.")
 
 
+def _factorises(prior: Distribution) -> bool:
+    """Independent over one dimension with any base (Normal, Laplace, ...): its base gives the one-dimensional
+    marginals. Deliberately laxer than ``is_diagonal_normal``: univariate mode needs marginals, not Gaussianity."""
+    return isinstance(prior, Independent) and prior.reinterpreted_batch_ndims == 1
+
+
 def _to_cpu_double(d: Distribution) -> Distribution:
     """A copy of a Normal / Independent(Normal) / MultivariateNormal on the CPU in float64 (others unchanged)."""
     if isinstance(d, Normal):
         return Normal(d.loc.detach().to("cpu", torch.float64), d.scale.detach().to("cpu", torch.float64))
-    if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
-        return Independent(_to_cpu_double(d.base_dist), d.reinterpreted_batch_ndims)
+    if is_diagonal_normal(d):
+        return Independent(_to_cpu_double(d.base_dist), 1)
     if isinstance(d, MultivariateNormal):
         return MultivariateNormal(d.loc.detach().to("cpu", torch.float64),
                                   scale_tril=d.scale_tril.detach().to("cpu", torch.float64))
@@ -1273,8 +1280,7 @@ def _check_prior(prior: Any, dim: int, groups: tuple[str, ...], mode: str) -> No
     if tuple(prior.event_shape) != (dim,) or tuple(prior.batch_shape) != ():
         raise ValueError(f"prior must have event_shape ({dim},) and batch_shape (); got event_shape "
                          f"{tuple(prior.event_shape)} and batch_shape {tuple(prior.batch_shape)}.")
-    if mode == "univariate" and not (isinstance(prior, MultivariateNormal) or (
-            isinstance(prior, Independent) and prior.reinterpreted_batch_ndims == 1)):
+    if mode == "univariate" and not (isinstance(prior, MultivariateNormal) or _factorises(prior)):
         raise ValueError("univariate mode needs the prior's one-dimensional marginals: an Independent distribution "
                          f"or a MultivariateNormal; got {type(prior).__name__}.")
 

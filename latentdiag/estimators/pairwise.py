@@ -7,8 +7,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution, MultivariateNormal, Normal
 
+from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
 from latentdiag.estimators.encoded import EncodedTable
 
 __all__ = ["logsumexp_log_q", "logsumexp_log_q_per_dim", "marginal_log_prob"]
@@ -193,9 +194,9 @@ def marginal_log_prob(dist: Distribution, z: torch.Tensor) -> torch.Tensor | Non
     one-dimensional marginals (an Independent Normal, or a MultivariateNormal with diagonal covariance); else None.
     """
     z = z.to(torch.float64)
-    if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1:
-        base = dist.base_dist
-        return Normal(base.loc.double().cpu(), base.scale.double().cpu()).log_prob(z)
+    if is_diagonal_normal(dist):
+        loc, scale = diagonal_marginals(dist)
+        return Normal(loc.double().cpu(), scale.double().cpu()).log_prob(z)
     if isinstance(dist, MultivariateNormal):
         cov = dist.covariance_matrix.double().cpu()
         var = torch.diagonal(cov, dim1=-2, dim2=-1)

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag._batching import DataLike
+from latentdiag._distributions import is_diagonal_normal
 from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_choice, check_int, check_seed
 from latentdiag.estimators._common import mean_and_stderr
@@ -573,8 +574,7 @@ def _is_gaussian(table: EncodedTable) -> bool:
     if table.family == "diag_normal":
         return True
     q = table.batches[0]
-    return isinstance(q, (MultivariateNormal, LowRankMultivariateNormal)) or (
-        isinstance(q, Independent) and isinstance(q.base_dist, Normal))
+    return isinstance(q, (MultivariateNormal, LowRankMultivariateNormal)) or is_diagonal_normal(q)
 
 
 def _posterior_std(table: EncodedTable) -> np.ndarray:

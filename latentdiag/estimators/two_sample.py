@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution, MultivariateNormal, Normal
 
+from latentdiag._distributions import is_diagonal_normal
 from latentdiag._runtime import mix_seed
 from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.estimators._common import prior_device_dtype
@@ -564,9 +565,7 @@ def _prior_marginals(prior: Distribution, latent_dim: int) -> tuple[np.ndarray, 
     """(loc, scale) of the prior's one-dimensional Normal marginals, or None when it has none in closed form."""
     if tuple(prior.batch_shape) not in ((),):
         return None
-    normal = (isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)
-              and prior.reinterpreted_batch_ndims == 1)
-    if not (normal or isinstance(prior, MultivariateNormal)):
+    if not (is_diagonal_normal(prior) or isinstance(prior, MultivariateNormal)):
         return None
     loc = prior.mean.detach().to("cpu", torch.float64).expand(latent_dim).numpy()
     scale = prior.variance.detach().to("cpu", torch.float64).expand(latent_dim).sqrt().numpy()

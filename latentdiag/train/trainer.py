@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from latentdiag._distributions import analytic_kl, diagonal_marginals, is_diagonal_normal, kl_divergence
 from latentdiag._runtime import evaluation, mix_seed, resolve_device
 from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.train.objectives import BatchTerms, Objective, Sync, objective_from_config
@@ -83,10 +83,6 @@ class TrainResult:
 
 # -- one training step as a module (so that DistributedDataParallel sees a forward call) ----------------------
 
-def _is_diag_normal(d: Distribution) -> bool:
-    return isinstance(d, Independent) and isinstance(d.base_dist, Normal) and d.reinterpreted_batch_ndims == 1
-
-
 class _Step(nn.Module):
     """forward(x, eps) -> (log p(x|z) (b,), KL (b,), per-dimension KL (b, D) or None, z (b, D))."""
 
@@ -96,22 +92,19 @@ class _Step(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):
         q, p = self.model.encode(x), self.model.prior()
-        if _is_diag_normal(q):
-            loc, scale = q.base_dist.loc, q.base_dist.scale
+        if is_diagonal_normal(q):
+            loc, scale = diagonal_marginals(q)
             z = loc + scale * eps.to(loc)
         else:
             z = q.rsample()
         ll = self.model.log_likelihood(x, z.unsqueeze(0))[0]
         with torch.autocast(device_type=z.device.type, enabled=False):
             kl_dims = None
-            if _is_diag_normal(q) and _is_diag_normal(p):
-                kl_dims = kl_divergence(q.base_dist, p.base_dist).float()
+            if is_diagonal_normal(q) and is_diagonal_normal(p):
+                kl_dims = analytic_kl(q.base_dist, p.base_dist).float()  # (Normal, Normal): always analytic
                 kl = kl_dims.sum(-1)
             else:
-                try:
-                    kl = kl_divergence(q, p).float()
-                except NotImplementedError:
-                    kl = (q.log_prob(z) - p.log_prob(z)).float()
+                kl = kl_divergence(q, p, z=z)[0].float()  # one-draw Monte Carlo from z where torch has no formula
         return ll.float(), kl, kl_dims, z
 
 
@@ -596,11 +589,13 @@ def _prior_sampler(model: nn.Module, eps: torch.Tensor | None, device: torch.dev
         p = model.prior()
         u = eps[:count].to(device)
         with torch.no_grad():
-            if _is_diag_normal(p):
-                return p.base_dist.loc + p.base_dist.scale * u.to(p.base_dist.loc)
+            if is_diagonal_normal(p):
+                loc, scale = diagonal_marginals(p)
+                return loc + scale * u.to(loc)
             base = getattr(p, "base_dist", None)
-            if base is not None and _is_diag_normal(base):
-                z = base.base_dist.loc + base.base_dist.scale * u.to(base.base_dist.loc)
+            if base is not None and is_diagonal_normal(base):
+                loc, scale = diagonal_marginals(base)
+                z = loc + scale * u.to(loc)
                 for t in p.transforms:
                     z = t(z)
                 return z
