@@ -145,9 +145,10 @@ def test_no_import_circle_between_modules():
     crossing = [c for c in _cycles(graph) if len({".".join(m.split(".")[:2]) for m in c}) > 1]
     assert crossing == []
     # the circle issue 18 removed: representation_table (a study) <-> the probes
-    assert "latentdiag.estimators.representation" not in graph["latentdiag.estimators.probes"]
-    assert not any(t.startswith("latentdiag.estimators.representation") for t in graph["latentdiag.estimators.probes"]
-                   if t != "latentdiag.estimators.representations")
+    assert graph["latentdiag.estimators.probes"].isdisjoint({"latentdiag.estimators.representation",
+                                                             "latentdiag.studies.representation_table"})
+    assert not any(t.startswith("latentdiag.studies") for m, deps in graph.items()
+                   if m.startswith("latentdiag.estimators") for t in deps)
 
 
 def test_no_import_circle_between_packages():
@@ -269,3 +270,13 @@ def test_moved_names_keep_their_old_paths(name):
         assert hasattr(old_rep, old)
     with pytest.raises(AttributeError):
         latentdiag.estimators.no_such_name  # noqa: B018
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists each package (setuptools does not find them): latentdiag/__init__.py imports
+    latentdiag.studies, so a wheel without it would not import."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert folders - listed == set()

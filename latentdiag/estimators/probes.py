@@ -6,7 +6,7 @@
   directions, is linearly separable.
 
 Representations come as arrays (N, F) (one vector per datapoint) or (N, k, F) (k posterior samples per datapoint);
-:class:`~latentdiag.estimators.representation.Representations` objects are accepted too.
+:class:`~latentdiag.estimators.representations.Representations` objects are accepted too.
 """
 
 from __future__ import annotations
