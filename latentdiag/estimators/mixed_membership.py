@@ -11,6 +11,7 @@ See ``docs/estimators/mixed_membership.md`` and Barkhof's TransformerVAE thesis 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 import dataclasses
