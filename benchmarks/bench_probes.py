@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
     from latentdiag.estimators.probes import linear_probe, nonlinear_probe
-    from latentdiag.estimators.representation import intrinsic_dimension
+    from latentdiag.estimators.intrinsic_dimension import intrinsic_dimension
 
     print(machine_line())
     x, y, xt, yt = data(args)

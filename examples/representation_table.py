@@ -27,11 +27,8 @@ import torch
 from latentdiag.data import mnist5k
 from latentdiag.estimators.encoded import encode
 from latentdiag.estimators.probes import sample_efficiency
-from latentdiag.estimators.representation import (
-    extract_representations,
-    format_representation_table,
-    representation_table,
-)
+from latentdiag.estimators.representations import extract_representations
+from latentdiag.studies.representation_table import format_representation_table, representation_table
 from latentdiag.models import mlp_vae
 from latentdiag.train import train_elbo
 

@@ -30,7 +30,6 @@ from latentdiag.adapters import (
 )
 from latentdiag.estimators import (
     MixedMembership,
-    compare_aggregate_posteriors,
     mixed_membership,
     IntrinsicDimension,
     ProbeResult,
@@ -39,11 +38,9 @@ from latentdiag.estimators import (
     conditional_entropy,
     decoded_examples,
     extract_representations,
-    format_representation_table,
     intrinsic_dimension,
     linear_probe,
     nonlinear_probe,
-    representation_table,
     sample_efficiency,
     AggregatePosterior,
     DecodingDivergence,
@@ -64,6 +61,9 @@ from latentdiag.estimators import (
     rate,
 )
 from latentdiag.results import Estimate, results_frame
+# a study and a multi-model comparison (latentdiag.studies), re-exported here: the estimators do not import them
+from latentdiag.studies.compare import compare_aggregate_posteriors
+from latentdiag.studies.representation_table import format_representation_table, representation_table
 
 __version__ = "0.1.0"
 

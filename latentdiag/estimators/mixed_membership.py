@@ -28,7 +28,7 @@ from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.errors import InsufficientDataError
 from latentdiag.results import Estimate
 
-__all__ = ["MixedMembership", "compare_aggregate_posteriors", "mixed_membership"]
+__all__ = ["MixedMembership", "holdout_by_owner", "mixed_membership", "prior_draws"]
 
 _MODES = ("multivariate", "univariate")
 _FAMILIES = ("gaussian", "student_t")
@@ -529,98 +529,56 @@ def mixed_membership(groups: Mapping[str, Any], *, mode: str = "multivariate", c
         _eval={n: x for n, x in zip(names, eval_sets)})
 
 
-def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, samples_per_point: int = 1,
-                                 prior_samples: int | None = None, seed: int | None = 0,
-                                 encode_kwargs: Mapping[str, Any] | None = None,
-                                 **kwargs: Any) -> MixedMembership:
-    """Compare the aggregate posteriors q(z) of several models on one data set with the prior, in one
-    mixed-membership fit.
+def prior_draws(prior: Distribution, n: int, seed: int | None) -> tuple[Distribution, torch.Tensor]:
+    """``n`` draws of ``prior`` for a group of prior samples, keyed by ``seed`` (its own random stream).
 
-    Each model is encoded once (:func:`latentdiag.estimators.encoded.encode`); ancestral samples z ~ q(z|x_n),
-    ``samples_per_point`` per datapoint (:meth:`EncodedTable.sample`), form one group per model, and
-    ``prior_samples`` draws of the first model's prior p(z) form the group ``"prior"``. Then
-    :func:`mixed_membership` is fitted with ``prior`` set to that Distribution, so
-    ``result.marginal_kl()`` gives each model's (held-out, lower-bound) KL(q(z) || p(z)) and the prior group's
-    own (which should be near 0).
-
-    Parameters
-    ----------
-    models : mapping of str to LatentVariableModel
-        Names (not ``"prior"``) to models with the same latent dimension.
-    data : data
-        The data set every model encodes.
-    samples_per_point : int
-        Samples of q(z|x_n) per datapoint.
-    prior_samples : int, optional
-        Draws of p(z); default the number of samples of each model's group.
-    seed : int or None
-        Seed of encoding, sampling and the fit.
-    encode_kwargs : mapping, optional
-        Passed to ``encode`` (``batch_size``, ``device``, ...).
-    **kwargs
-        Passed to :func:`mixed_membership` (``mode``, ``components``, ``steps``, ...). ``holdout`` must be a
-        fraction here: whole datapoints are held out (all ``samples_per_point`` samples of a datapoint go to the
-        same side), and prior draws one by one.
+    Returns the prior as a CPU float64 copy (Normal, diagonal Normal and MultivariateNormal; other families
+    unchanged), ready to be :func:`mixed_membership`'s ``prior``, and the (n, D) float64 draws. The global torch RNG
+    is left as it was.
     """
-    from latentdiag.estimators.encoded import encode
-
-    if not isinstance(models, Mapping) or not models:
-        raise TypeError(f"models must be a non-empty mapping of names to models; got {type(models).__name__}.")
-    if "prior" in models:
-        raise ValueError("models must not contain the name 'prior': it names the group of prior samples.")
-    for name in models:
-        if not isinstance(name, str):
-            raise TypeError(f"model names must be str; got {type(name).__name__} {name!r}.")
-    samples_per_point = check_int("samples_per_point", samples_per_point)
-    if "prior" in kwargs:
-        raise TypeError("compare_aggregate_posteriors sets prior itself (the first model's prior).")
-    holdout = kwargs.pop("holdout", 0.5)
-    if isinstance(holdout, bool) or not isinstance(holdout, numbers.Real) or not 0 <= float(holdout) < 1:
-        raise ValueError("holdout must be a fraction in [0, 1) here (the split is made by datapoint); "
-                         f"got {holdout!r}.")
-    holdout = float(holdout)
-    groups: dict[str, torch.Tensor] = {}
-    owners: dict[str, torch.Tensor] = {}
-    first_prior: Distribution | None = None
-    dim = n_data = None
-    for name, model in models.items():
-        table = encode(model, data, seed=seed, **dict(encode_kwargs or {}))
-        if dim is not None and table.latent_dim != dim:
-            raise ValueError(f"all models must have the same latent dimension; {name!r} has {table.latent_dim}, "
-                             f"the first has {dim}.")
-        dim, n_data = table.latent_dim, table.n
-        first_prior = first_prior if first_prior is not None else table.prior
-        groups[name], owners[name], _ = table.sample(samples_per_point, seed=seed)
-    n_prior = (next(iter(groups.values())).shape[0] if prior_samples is None
-               else check_int("prior_samples", prior_samples, minimum=4))
+    n = check_int("n", n, minimum=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed((seed or 0) + _STREAM_PRIOR))
-        prior_cpu = _to_cpu_double(first_prior)
-        groups = {"prior": prior_cpu.sample((n_prior,)).to(torch.float64), **groups}
-    owners["prior"] = torch.arange(n_prior)
-    if holdout > 0:
-        # hold out whole datapoints: with several samples per datapoint, a datapoint's samples must not be split
-        # between fitting and evaluation (they are correlated, and the bound needs fresh samples)
-        gen = _generator(seed, _STREAM_SPLIT)
-        held = {}
-        for name, owner in owners.items():
-            n_owners = int(owner.max()) + 1
-            n_out = int(round(holdout * n_owners))
-            if n_out < 1 or n_out >= n_owners:
-                raise InsufficientDataError(f"group {name!r} has {n_owners} datapoints: too few to hold out a "
-                                            f"fraction {holdout}.")
-            out = torch.zeros(n_owners, dtype=torch.bool)
-            out[torch.randperm(n_owners, generator=gen)[:n_out]] = True
-            held[name] = out[owner]
-        evals = {name: x[held[name]] for name, x in groups.items()}
-        groups = {name: x[~held[name]] for name, x in groups.items()}
-        result = mixed_membership(groups, prior=prior_cpu, seed=seed, holdout=evals, **kwargs)
-    else:
-        result = mixed_membership(groups, prior=prior_cpu, seed=seed, holdout=0.0, **kwargs)
-    result.settings.update(samples_per_point=samples_per_point, prior_samples=n_prior, datapoints=n_data,
-                           models=list(models), holdout=holdout, holdout_by="datapoint",
-                           prior_group="prior (drawn from the first model's prior)")
-    return result
+        prior_cpu = _to_cpu_double(prior)
+        draws = prior_cpu.sample((n,)).to(torch.float64)
+    return prior_cpu, draws
+
+
+def holdout_by_owner(owners: Mapping[str, torch.Tensor], fraction: float, seed: int | None) -> dict[str, torch.Tensor]:
+    """Hold out whole owners (datapoints) of each group's samples: a boolean mask per group, True = held out.
+
+    ``owners[name][i]`` is the owner index (0 .. M - 1) of sample i of the group. A fraction ``fraction`` of each
+    group's owners, drawn with the seed's split stream, is held out with all of its samples, so that correlated
+    samples of one datapoint never fall on both sides of the split (the held-out bound needs fresh samples).
+
+    Raises
+    ------
+    InsufficientDataError
+        When a group has too few owners to hold out at least one and keep at least one.
+    """
+    gen = _generator(seed, _STREAM_SPLIT)
+    held = {}
+    for name, owner in owners.items():
+        n_owners = int(owner.max()) + 1
+        n_out = int(round(fraction * n_owners))
+        if n_out < 1 or n_out >= n_owners:
+            raise InsufficientDataError(f"group {name!r} has {n_owners} datapoints: too few to hold out a "
+                                        f"fraction {fraction}.")
+        out = torch.zeros(n_owners, dtype=torch.bool)
+        out[torch.randperm(n_owners, generator=gen)[:n_out]] = True
+        held[name] = out[owner]
+    return held
+
+
+def __getattr__(name: str) -> Any:
+    """Compatibility shim: ``compare_aggregate_posteriors`` (a multi-model comparison) moved to
+    :mod:`latentdiag.studies.compare` (issue 18); it is loaded from there on first access, so that importing this
+    estimator module imports nothing from :mod:`latentdiag.studies`."""
+    if name == "compare_aggregate_posteriors":
+        import importlib
+
+        return importlib.import_module("latentdiag.studies.compare").compare_aggregate_posteriors
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the SVI machinery --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   directions, is linearly separable.
 
 Representations come as arrays (N, F) (one vector per datapoint) or (N, k, F) (k posterior samples per datapoint);
-:class:`~latentdiag.estimators.representation.Representations` objects are accepted too.
+:class:`~latentdiag.estimators.representations.Representations` objects are accepted too.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from torch import nn
 from latentdiag._runtime import mix_seed, resolve_device, seeded
 from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_choice, check_int, check_positive_float, check_seed, SEED_MAX
-from latentdiag.estimators.representation import Representations
+from latentdiag.estimators.representations import Representations
 from latentdiag.results import Estimate
 
-__all__ = ["PROBES", "ProbeResult", "SampleEfficiency", "linear_probe", "nonlinear_probe", "probe_network",
-           "sample_efficiency"]
+__all__ = ["PROBES", "ProbeData", "ProbeResult", "SampleEfficiency", "linear_probe", "nonlinear_probe", "probe_many",
+           "probe_network", "sample_efficiency", "stratified_subset"]
 
 #: Probe names accepted by :func:`sample_efficiency` and :func:`latentdiag.representation_table`.
 PROBES: tuple[str, ...] = ("nonlinear", "linear")
@@ -140,8 +140,8 @@ def linear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_labels
     max_iter : int
         liblinear iterations; a fit that does not converge flags ``not_converged``.
     """
-    data = _ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
-    return _probe_many("linear", data, seeds=seeds, seed=seed, C_grid=C_grid,
+    data = ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
+    return probe_many("linear", data, seeds=seeds, seed=seed, C_grid=C_grid,
                        validation_fraction=validation_fraction, refit=refit, max_iter=max_iter)[0]
 
 
@@ -183,8 +183,8 @@ def nonlinear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_lab
     device : "auto", "cpu", "cuda", torch.device
         "auto" is CUDA when available.
     """
-    data = _ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
-    return _probe_many("nonlinear", data, seeds=seeds, seed=seed, hidden=hidden, dropout=dropout, lr=lr,
+    data = ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
+    return probe_many("nonlinear", data, seeds=seeds, seed=seed, hidden=hidden, dropout=dropout, lr=lr,
                        batch_size=batch_size, max_epochs=max_epochs, patience=patience,
                        validation_fraction=validation_fraction, weight_decay=weight_decay, device=device)[0]
 
@@ -271,7 +271,7 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
     probe = check_choice("probe", probe, PROBES)
     seeds = check_int("seeds", seeds)
     seed = check_seed("seed", seed)
-    data = _ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
+    data = ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
     n_all = data.n_train
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
         raise TypeError(f"sizes must be a non-empty sequence of integers or None; got {sizes!r}.")
@@ -289,10 +289,10 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
     for i, n in enumerate(wanted):
         for j in range(seeds):
             s = seed + j
-            index, note = _stratified_subset(data.y_train, n, s)
+            index, note = stratified_subset(data.y_train, n, s)
             if note and note not in notes:
                 notes.append(note)
-            res = _probe_many(probe, data.subset(index), seeds=1, seed=s, **probe_kwargs)[0]
+            res = probe_many(probe, data.subset(index), seeds=1, seed=s, **probe_kwargs)[0]
             acc[i, j] = res.per_seed[0]
             flags.update(res.flags)
             for note_ in res.notes:
@@ -310,8 +310,14 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
 # -- machinery ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class _ProbeData:
-    """Validated probe inputs: train (N, k, F) float64 with label codes, test sets (N_test, k_i, F)."""
+class ProbeData:
+    """Validated probe inputs: train (N, k, F) float64 with label codes, test sets (N_test, k_i, F).
+
+    Build it with :meth:`ProbeData.build` (which checks shapes, labels and classes the way the probes do) and
+    hand it to :func:`probe_many`; one training set can then be scored on several test sets (e.g. the posterior-
+    sample predictive for several k), as :func:`latentdiag.studies.representation_table.representation_table`
+    does.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -336,11 +342,11 @@ class _ProbeData:
         majority = np.bincount(self.y_train, minlength=self.n_classes).argmax()
         return float((self.y_test == majority).mean())
 
-    def subset(self, index: np.ndarray) -> _ProbeData:
-        return _ProbeData(self.x_train[index], self.y_train[index], self.test_sets, self.y_test, self.classes)
+    def subset(self, index: np.ndarray) -> ProbeData:
+        return ProbeData(self.x_train[index], self.y_train[index], self.test_sets, self.y_test, self.classes)
 
     @classmethod
-    def build(cls, train_reps: Any, train_labels: Any, test_sets: Sequence[Any], test_labels: Any) -> _ProbeData:
+    def build(cls, train_reps: Any, train_labels: Any, test_sets: Sequence[Any], test_labels: Any) -> ProbeData:
         x_train, train_labels = _reps("train_reps", train_reps, train_labels, "train_labels")
         tests = []
         for reps in test_sets:
@@ -436,9 +442,24 @@ def _sk_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 0x5C1]).generate_state(1, np.uint32)[0])
 
 
-def _stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, str | None]:
+def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, str | None]:
     """A fixed seeded class-stratified subset of n indices (all when n >= len(y)), and a note when it is not
-    stratified."""
+    stratified.
+
+    Parameters
+    ----------
+    y : ndarray of shape (N,)
+        Labels.
+    n : int or None
+        Subset size; None (or n >= N) keeps every index.
+    seed : int
+        Seed of the split (the same seed gives the same subset).
+
+    Returns
+    -------
+    (index, note) : sorted int indices, and None or a note saying why the subset is uniform, not stratified
+        (too few datapoints per class for a stratified split).
+    """
     from sklearn.model_selection import train_test_split
 
     total = y.size
@@ -475,8 +496,12 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _probe_many(probe: str, data: _ProbeData, *, seeds: int = 3, seed: int = 0, **opts: Any) -> list[ProbeResult]:
-    """Train ``seeds`` probes and score each on every test set of ``data``; one ProbeResult per test set."""
+def probe_many(probe: str, data: ProbeData, *, seeds: int = 3, seed: int = 0, **opts: Any) -> list[ProbeResult]:
+    """Train ``seeds`` probes and score each on every test set of ``data``; one ProbeResult per test set.
+
+    ``probe`` is one of :data:`PROBES`; ``opts`` are the options of :func:`linear_probe` / :func:`nonlinear_probe`
+    (which are this function with a single test set). Seeds are seed, seed + 1, ..., seed + seeds - 1.
+    """
     probe = check_choice("probe", probe, PROBES)
     seeds = check_int("seeds", seeds)
     seed = check_seed("seed", seed)
@@ -749,3 +774,9 @@ def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([net(x[i:i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
     finally:
         net.train(was)
+
+
+# The names these had before they were made public for latentdiag.studies (issue 18), kept for code that used them.
+_ProbeData = ProbeData
+_probe_many = probe_many
+_stratified_subset = stratified_subset

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from latentdiag.estimators.probes import SampleEfficiency
-from latentdiag.estimators.representation import IntrinsicDimension
+from latentdiag.estimators.intrinsic_dimension import IntrinsicDimension
 
 __all__ = ["plot_eigenspectrum", "plot_sample_efficiency"]
 

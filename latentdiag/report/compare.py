@@ -39,7 +39,7 @@ def compare_reports(reports: Mapping[str, Any], *, models: Mapping[str, Any] | N
     mm, skipped = None, None
     if mixed_membership and models is not None and data is not None:
         try:
-            from latentdiag.estimators.mixed_membership import compare_aggregate_posteriors
+            from latentdiag.studies.compare import compare_aggregate_posteriors
         except ImportError:
             skipped = "the mixed-membership estimator is not available in this version"
         else:

@@ -266,7 +266,7 @@ def _linear_probe(ctx):
 
 def _mixed_membership(ctx):
     """Mixed-membership fit of this model's q(z) and its prior: a held-out lower bound on the marginal KL."""
-    from latentdiag.estimators import compare_aggregate_posteriors
+    from latentdiag.studies.compare import compare_aggregate_posteriors
 
     mm = compare_aggregate_posteriors({"model": ctx.model}, ctx.data, seed=ctx.seed,
                                       encode_kwargs={"device": ctx.device})

@@ -3,6 +3,10 @@
 ``latentdiag study NAME`` / :func:`run_study`. Each study trains the models it needs (resuming from ``out``),
 measures them, and writes study.json, study.md and study.html, each trend of the paper marked holds / does not
 hold with the standard errors behind the word. Recorded runs: ``docs/studies/``.
+
+Also here, built from the estimators' public functions (and re-exported by :mod:`latentdiag`): the representation
+table of Zhang et al. (:mod:`latentdiag.studies.representation_table`) and the multi-model comparison of aggregate
+posteriors (:mod:`latentdiag.studies.compare`). The estimators import nothing from this package.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def representation_measures(train_table: Any, test_table: Any, *, seed: int, pro
     """PCA intrinsic dimension of the test posterior means (with the spectrum) and the linear and nonlinear
     probes trained on the training means (Zhang et al. 2022, Sections 3 and 5)."""
     from latentdiag.estimators.probes import linear_probe, nonlinear_probe
-    from latentdiag.estimators.representation import intrinsic_dimension
+    from latentdiag.estimators.intrinsic_dimension import intrinsic_dimension
 
     tr, te = train_table.means.numpy(), test_table.means.numpy()
     ytr, yte = train_table.labels.numpy(), test_table.labels.numpy()

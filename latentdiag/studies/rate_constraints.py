@@ -101,7 +101,7 @@ class RateConstraints(Study):
     def joint(self, models: Mapping[str, Any], runs: Sequence[ModelRun], data: Mapping[str, Any],
               settings: Mapping[str, Any], seed: int) -> tuple[dict[str, dict[str, Measure]], dict[str, Any]]:
         """One mixed-membership fit over every model's q(z) and the prior (thesis Figure 4.8)."""
-        from latentdiag.estimators.mixed_membership import compare_aggregate_posteriors
+        from latentdiag.studies.compare import compare_aggregate_posteriors
 
         by_label = {r.label: models[r.key] for r in runs}
         mm = compare_aggregate_posteriors(by_label, data["test"].x, seed=seed, steps=settings["mm_steps"])
