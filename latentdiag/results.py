@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Estimate", "results_frame"]
+__all__ = ["Estimate", "results_frame", "json_safe"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,17 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_json_value(x) for x in v]
     return str(v)
+
+
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, numpy scalars and arrays become Python values, tuples lists
+    (what report.json and study.json hold)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from latentdiag.results import Estimate
+from latentdiag.results import Estimate, json_safe
 
 __all__ = ["render_table", "render_json", "SCHEMA_VERSION"]
 
@@ -67,22 +67,9 @@ def render_json(results: Sequence[Estimate], provenance: Mapping[str, Any] | Non
 
 # -- whole reports ------------------------------------------------------------------------------------------------
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None, numpy scalars and arrays become Python values."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def report_document(report: Any) -> dict[str, Any]:
     """The versioned JSON document of a :class:`latentdiag.report.runner.Report`."""
-    return _plain(report.to_dict())
+    return json_safe(report.to_dict())
 
 
 def render_report_json(report: Any) -> str:
@@ -267,7 +254,7 @@ def render_html(report: Any, *, plots: bool = True) -> str:
                         f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
     body.append("<h2>Time per metric</h2><table>" + "".join(
         f"<tr><td>{esc(k)}</td><td>{v:.2f} s</td></tr>" for k, v in report.timings.items()) + "</table>")
-    body.append("<h2>Provenance</h2><pre>" + esc(json.dumps(_plain(report.provenance), indent=2)) + "</pre>")
+    body.append("<h2>Provenance</h2><pre>" + esc(json.dumps(json_safe(report.provenance), indent=2)) + "</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
              "td.est{font-size:80%;color:#555}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-weight:bold}")

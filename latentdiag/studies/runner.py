@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from latentdiag.errors import ExitCode, LatentdiagError
+from latentdiag.results import json_safe
 from latentdiag.studies.base import Measure, ModelRun, Study, Summary, Trend, summarise
 
 __all__ = ["StudyResult", "StudySettingsError", "run_study", "resolve_study", "study_settings"]
@@ -98,10 +99,10 @@ def study_settings(study: Study, *, quick: bool = False, data: str | None = None
     return settings
 
 
-def _write_json(path: Path, doc: Any) -> None:
+def _write_json(path: Path, doc: Any) -> Path:
     from latentdiag._io import atomic_write_text
 
-    atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -217,7 +218,6 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
             say(f"[{study.name}] {run.label} seed {seed}: finished earlier (measures from {cache})")
             return None
         t0 = time.perf_counter()
-        kwargs = dict(run.train)
 
         def line(rec: Mapping[str, Any]) -> None:
             say(f"[{study.name}] {run.label} seed {seed} epoch {rec['epoch']}/{epochs}: "
@@ -230,7 +230,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
                                      max_monitor=settings.get("max_monitor"), callback=line)
         else:
             say(f"[{study.name}] {run.label} seed {seed}: training {epochs} epoch(s)")
-            result = train_reference(**kwargs, epochs=epochs, seed=seed, device=run_device, out=ckpt,
+            result = train_reference(**run.train, epochs=epochs, seed=seed, device=run_device, out=ckpt,
                                      max_monitor=settings.get("max_monitor"), callback=line)
         model = result.model.eval()
         values, art = study.measure(model, run, data_for(run), settings, seed)
@@ -302,8 +302,7 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
     from latentdiag.studies.render import render_study_html, render_study_markdown, write_study_figures
     from latentdiag._io import atomic_write_text
 
-    files = [str(atomic_write_text(out / "study.json", json.dumps(_clean(document), indent=2, allow_nan=False)
-                                   + "\n")),
+    files = [str(_write_json(out / "study.json", json_safe(document))),
              str(atomic_write_text(out / "study.md", render_study_markdown(study, document))),
              str(atomic_write_text(out / "study.html", render_study_html(study, document)))]
     files += write_study_figures(study, document, out / "figures")
@@ -313,19 +312,8 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
 
 
 def _run_dict(run: ModelRun) -> dict[str, Any]:
-    return {"key": run.key, "label": run.label, "group": run.group, "train": _clean(dict(run.train)),
-            "meta": _clean(dict(run.meta))}
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    return {"key": run.key, "label": run.label, "group": run.group, "train": json_safe(dict(run.train)),
+            "meta": json_safe(dict(run.meta))}
 
 
 def _provenance(device: Any, seconds: float, timing: Mapping[str, float],
