@@ -9,7 +9,7 @@ from typing import Any
 
 from latentdiag.studies.base import Study, Summary
 
-__all__ = ["render_study_markdown", "render_study_html", "rerun_command", "write_study_figures"]
+__all__ = ["render_study_markdown", "render_study_html", "rerun_command", "figure_pngs", "write_study_figures"]
 
 
 def _summary(doc: Mapping[str, Any], key: str, name: str) -> Summary | None:
@@ -89,9 +89,22 @@ def render_study_markdown(study: Study, doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_study_html(study: Study, doc: Mapping[str, Any], *, figures: bool = True) -> str:
-    import base64
+def figure_pngs(study: Study, doc: Mapping[str, Any]) -> dict[str, bytes]:
+    """The study's figures drawn once, as PNG bytes by title (for study.html and figures/*.png alike)."""
     import io
+
+    out = {}
+    for title, fig in study.figures(doc).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        out[title] = buf.getvalue()
+    return out
+
+
+def render_study_html(study: Study, doc: Mapping[str, Any], *, figures: bool = True,
+                      pngs: Mapping[str, bytes] | None = None) -> str:
+    """A self-contained study.html; ``pngs`` (from :func:`figure_pngs`) saves drawing the figures again."""
+    import base64
 
     esc = html.escape
 
@@ -111,10 +124,8 @@ def render_study_html(study: Study, doc: Mapping[str, Any], *, figures: bool = T
         f"<li><b>{'holds' if t['holds'] else 'does not hold'}</b>: {esc(t['statement'])}. {esc(t['evidence'])}.</li>"
         for t in doc["trends"]) + "</ul>")
     if figures:
-        for title, fig in study.figures(doc).items():
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=110)
-            data = base64.b64encode(buf.getvalue()).decode("ascii")
+        for title, png in (pngs if pngs is not None else figure_pngs(study, doc)).items():
+            data = base64.b64encode(png).decode("ascii")
             parts.append(f"<figure><figcaption>{esc(title)}</figcaption>"
                          f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
@@ -129,20 +140,18 @@ def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
 
 
-def write_study_figures(study: Study, doc: Mapping[str, Any], folder: Any) -> list[str]:
-    """The study's figures as PNG files in ``folder`` (each written whole); returns their paths."""
-    import io
+def write_study_figures(study: Study, doc: Mapping[str, Any], folder: Any, *,
+                        pngs: Mapping[str, bytes] | None = None) -> list[str]:
+    """The study's figures as PNG files in ``folder`` (each written whole); returns their paths. ``pngs`` (from
+    :func:`figure_pngs`) saves drawing them again."""
     from pathlib import Path
 
     from latentdiag._io import atomic_write
 
     folder = Path(folder)
     paths = []
-    for title, fig in study.figures(doc).items():
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-
-        def write(tmp: str, data: bytes = buf.getvalue()) -> None:
+    for title, png in (pngs if pngs is not None else figure_pngs(study, doc)).items():
+        def write(tmp: str, data: bytes = png) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)
         paths.append(str(atomic_write(folder / f"{_slug(title)}.png", write)))

@@ -299,13 +299,14 @@ def run_study(name: str, *, quick: bool = False, data: str | None = None, epochs
         "trends": [t.to_dict() for t in trends], "artifacts": artifacts,
         "provenance": _provenance(run_device, time.perf_counter() - start, timing, threads),
     }
-    from latentdiag.studies.render import render_study_html, render_study_markdown, write_study_figures
+    from latentdiag.studies.render import figure_pngs, render_study_html, render_study_markdown, write_study_figures
     from latentdiag._io import atomic_write_text
 
+    pngs = figure_pngs(study, document)  # drawn once for study.html and figures/*.png
     files = [str(_write_json(out / "study.json", json_safe(document))),
              str(atomic_write_text(out / "study.md", render_study_markdown(study, document))),
-             str(atomic_write_text(out / "study.html", render_study_html(study, document)))]
-    files += write_study_figures(study, document, out / "figures")
+             str(atomic_write_text(out / "study.html", render_study_html(study, document, pngs=pngs)))]
+    files += write_study_figures(study, document, out / "figures", pngs=pngs)
     for t in trends:
         say(f"[{study.name}] {'holds' if t.holds else 'does not hold'}: {t.statement}")
     return StudyResult(document=document, trends=tuple(trends), files=tuple(files))
