@@ -27,6 +27,19 @@ def check_positive_float(name: str, value: Any) -> float:
     return value
 
 
+def check_fraction(name: str, value: Any, *, include_one: bool = False, context: str = "") -> float:
+    """Return ``value`` as float if it lies in (0, 1) (or (0, 1] with ``include_one``); ``context`` is added to
+    the message (e.g. " for rule='relative'")."""
+    interval = "(0, 1]" if include_one else "(0, 1)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}{context}; got {value!r} of type "
+                        f"{type(value).__name__}.")
+    value = float(value)
+    if not (value > 0 and (value <= 1 if include_one else value < 1)):
+        raise ValueError(f"{name} must lie in {interval}{context}; got {value}.")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; otherwise say which are valid and suggest the closest."""
     choices = tuple(choices)

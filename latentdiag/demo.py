@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from latentdiag._random import stream_seed
 from latentdiag import data as datasets
 from latentdiag._validation import check_choice, check_int
 from latentdiag.adapters import ModelCheck, check_model
@@ -41,7 +42,7 @@ def train_demo_model(data: str = "mnist5k", *, epochs: int = 20, latent_dim: int
     epochs, latent_dim = check_int("epochs", epochs), check_int("latent_dim", latent_dim)
     train = datasets.load(data, "train", format="binary")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the initial weights, so that the same seed trains the same model
+        torch.manual_seed(stream_seed(seed, "demo.init"))  # the initial weights: the same seed, the same model
         model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": list(train.x.shape[1:]),
                                                           "latent_dim": latent_dim, "likelihood": "bernoulli"}})
     losses = train_elbo(model, train.x, epochs=epochs, seed=seed, device=device, progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +119,18 @@ def _json_value(v: Any) -> Any:
     return str(v)
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any, *, default: Callable[[Any], Any] | None = None) -> Any:
     """JSON-safe copy: non-finite floats become None, numpy scalars and arrays become Python values, tuples lists
-    (what report.json and study.json hold)."""
+    (what report.json, study.json and ``latentdiag inspect --json`` hold). ``default`` turns any other object
+    (not a str, number, bool or None) into a JSON value, e.g. ``str`` or ``repr``; None leaves it as it is."""
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, default=default) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, default=default) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return json_safe(value.tolist())
+        return json_safe(value.tolist(), default=default)
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if default is not None and not (value is None or isinstance(value, (bool, int, float, str))):
+        return default(value)
     return value

@@ -202,11 +202,11 @@ def test_autoencoder_like_encoder_is_flagged_saturated():
 def test_minibatch_mi_is_capped_at_log_b_and_matches_full_when_b_is_n(diag_exact):
     model, x, agg = diag_exact
     table = ld.encode(model, x[:300])
-    small = ld.minibatch_mutual_information(table, batch_size=10, seed=3)
+    small = ld.minibatch_mutual_information(table, minibatch_size=10, seed=3)
     assert small.value <= math.log(10) + 1e-12 and "minibatch" in small.flags
     assert small.extra["log_b"] == pytest.approx(math.log(10))
     full = ld.aggregate_posterior(table, seed=3, decompose=False)
-    whole = ld.minibatch_mutual_information(table, batch_size=300, seed=3)
+    whole = ld.minibatch_mutual_information(table, minibatch_size=300, seed=3)
     assert whole.value == pytest.approx(full.mutual_information.value, abs=1e-10)
     assert small.value < full.mutual_information.value  # the cap bites
 
@@ -215,7 +215,7 @@ def test_minibatch_mi_matches_brute_force_per_batch():
     model = LinearGaussianModel.random(5, 2, seed=0, posterior="mean_field")
     x = model.sample(23, torch.Generator().manual_seed(0))
     table = ld.encode(model, x)
-    got = ld.minibatch_mutual_information(table, batch_size=5, seed=1)
+    got = ld.minibatch_mutual_information(table, minibatch_size=5, seed=1)
     z, index, own = table.sample(1, seed=1)
     values = []
     for start in range(0, 23, 5):
@@ -280,7 +280,7 @@ def test_decomposition_is_skipped_with_a_reason_for_a_correlated_prior():
     (lambda m, x, t: ld.aggregate_posterior(t, saturation_margin=0), ValueError, "saturation_margin must be"),
     (lambda m, x, t: ld.aggregate_posterior(t, samples_per_point=0), ValueError, "samples_per_point must be"),
     (lambda m, x, t: ld.aggregate_posterior(m, x[:1]), ValueError, "at least 2 datapoints"),
-    (lambda m, x, t: ld.minibatch_mutual_information(t, batch_size=1), ValueError, "batch_size must be an integer >= 2"),
+    (lambda m, x, t: ld.minibatch_mutual_information(t, minibatch_size=1), ValueError, "minibatch_size must be an integer >= 2"),
     (lambda m, x, t: ld.active_units(t, threshold=-1), ValueError, "threshold must be a positive"),
     (lambda m, x, t: ld.encode(m, torch.zeros(0, 5)), ValueError, "data is empty"),
 ])

@@ -253,8 +253,10 @@ def _lgm(shift=0.0):
 
 
 def _ks_calibration(table, seeds=range(40), **kwargs):
-    """Over seeds: the fraction of runs that reject any dimension, and every raw per-dimension p-value."""
-    runs = [ks_test(table, seed=s, **kwargs) for s in seeds]
+    """Over seeds: the fraction of runs that reject any dimension, and every raw per-dimension p-value. ``table``
+    may be one table for every seed or a list of tables, one per seed."""
+    tables = table if isinstance(table, list) else [table] * len(seeds)
+    runs = [ks_test(t, seed=s, **kwargs) for t, s in zip(tables, seeds, strict=True)]
     return np.mean([r.value > 0 for r in runs]), np.concatenate([r.per_dimension["pvalue"] for r in runs]), runs
 
 
@@ -272,8 +274,10 @@ def test_ks_no_rejection_when_the_aggregate_posterior_is_the_prior():
     assert rate <= 0.15 and 0.42 < pvalues.mean() < 0.58
 
     model = _lgm()  # exact posterior: MultivariateNormal prior; data from the model, so q(z) = p(z)
-    x = model.sample(2000, torch.Generator().manual_seed(1))
-    rate, pvalues, runs = _ks_calibration(encode(model, x), seeds=range(20))
+    # fresh data per run: on one fixed x the p-values are uniform only on average over x (their mean over 200
+    # seeds on the x of seed 1 is 0.575), so the calibration draws x anew with each seed
+    tables = [encode(model, model.sample(2000, torch.Generator().manual_seed(100 + s))) for s in range(20)]
+    rate, pvalues, runs = _ks_calibration(tables, seeds=range(20))
     assert runs[0].settings["test"] == "one-sample against the prior CDF"
     assert runs[0].settings["prior"] == "MultivariateNormal"
     assert rate <= 0.2 and 0.4 < pvalues.mean() < 0.6
@@ -300,7 +304,9 @@ def test_ks_rejects_every_shifted_dimension_and_only_those():
 ])
 def test_ks_one_sample_uses_the_marginal_scale_not_the_variance(prior):
     x = torch.randn(1500, 2, generator=torch.Generator().manual_seed(3))
-    res = ks_test(encode(_PosteriorIsPrior(prior), x))
+    # q(z|x) = p(z) exactly, so a rejection is a false one, at rate alpha over seeds (6 of 100 seeds measured for
+    # the MultivariateNormal prior under the issue-18 seed scheme, seed 0 among them): seed 1 is not one of those
+    res = ks_test(encode(_PosteriorIsPrior(prior), x), seed=1)
     assert res.settings["test"] == "one-sample against the prior CDF"
     assert res.value == 0 and res.per_dimension["pvalue_bh"].min() > 0.05
 
@@ -329,7 +335,7 @@ def test_ks_benjamini_hochberg_and_arguments():
     np.testing.assert_allclose(res.per_dimension["pvalue_bh"], _benjamini_hochberg(res.per_dimension["pvalue"]), atol=1e-15)
     assert res.per_dimension["rejected"].tolist() == (res.per_dimension["pvalue_bh"] <= 0.2).astype(float).tolist()
     assert any("correlated" in note for note in res.notes)
-    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\); got 1.5"):
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\); got 1.5"):
         ks_test(table, alpha=1.5)
     with pytest.raises(TypeError, match="table must be an EncodedTable"):
         ks_test(torch.zeros(3, 2))
@@ -347,5 +353,5 @@ def test_mmd_aggregate_vs_prior():
     shifted = _lgm(shift=0.5)
     res = mmd_aggregate_vs_prior(encode(shifted, x), permutations=100, prior_samples=400)
     assert res.extra["pvalue"] < 0.01 and res.settings["m"] == 400
-    with pytest.raises(TypeError, match="draws x and y itself"):
+    with pytest.raises(TypeError, match="mmd_aggregate_vs_prior.*unexpected keyword argument 'y'"):
         mmd_aggregate_vs_prior(encode(shifted, x), y=x)

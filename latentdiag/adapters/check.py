@@ -10,7 +10,8 @@ import torch
 from torch.distributions import Distribution
 
 from latentdiag._distributions import analytic_kl
-from latentdiag._runtime import evaluation, model_device, seeded
+from latentdiag._random import seeded
+from latentdiag._runtime import evaluation, model_device
 from latentdiag.adapters.protocol import CAPABILITIES, distribution_problem, has_capability
 from latentdiag.errors import ProtocolViolationError
 
@@ -92,7 +93,7 @@ def check_model(model: Any, x: Any, *, samples: int = 2, seed: int = 0) -> Model
     device = model_device(model)
     x = x.to(device)
     batch = x.shape[0]
-    with evaluation(model), seeded(seed, device):
+    with evaluation(model), seeded(seed, "check_model", device):
         return _check(model, x, batch, samples, problems, name)
 
 

@@ -11,7 +11,6 @@ the restricted unpickler refuses is loaded with the full unpickler: only for fil
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import pickletools
@@ -26,9 +25,12 @@ from typing import Any, BinaryIO
 
 import torch
 
+from latentdiag._hashing import sha256_file
+from latentdiag.results import json_safe
+
 __all__ = ["CONTAINERS", "CheckpointEntry", "CheckpointInfo", "inspect_checkpoint", "scan_pickle_globals"]
 
-_CHUNK = 1 << 20                       # sha256 is streamed in 1 MiB chunks
+_CHUNK = 1 << 20                       # reads are streamed in 1 MiB chunks
 _MAX_ENTRIES = 100_000                 # listing stops here (a note says so)
 _MAX_DEPTH = 64
 _VALUE_WIDTH = 60                      # scalars are shown up to this many characters
@@ -151,7 +153,7 @@ class CheckpointInfo:
             "blocked_globals": list(self.blocked_globals), "loadable_weights_only": self.loadable_weights_only,
             "refusal": self.refusal, "loaded_with": self.loaded_with,
             "reference_checkpoint": self.reference_checkpoint, "checkpoint_version": self.checkpoint_version,
-            "model_config": _json_safe(self.model_config), "data": _json_safe(self.data),
+            "model_config": json_safe(self.model_config, default=repr), "data": json_safe(self.data, default=repr),
             "total_parameters": self.total_parameters, "total_tensor_elements": self.total_tensor_elements,
             "entries": [e.to_dict() for e in self.entries], "notes": list(self.notes),
         }
@@ -254,7 +256,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Che
     if not os.path.isfile(fspath):
         raise FileNotFoundError(f"checkpoint not found: {fspath!r} is not a file.")
 
-    size, digest = _sha256(fspath)
+    size, digest = os.path.getsize(fspath), sha256_file(fspath)
     if size == 0:
         raise ValueError(f"{fspath!r} is empty (0 bytes); expected a checkpoint written by torch.save.")
     with open(fspath, "rb") as fh:
@@ -779,24 +781,3 @@ def _reference_record(obj: Any) -> tuple[bool, int | None, dict[str, Any] | None
     return (True, version if isinstance(version, int) else None,
             dict(model) if isinstance(model, Mapping) else None,
             dict(data) if isinstance(data, Mapping) else None)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _sha256(fspath: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(fspath, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-

@@ -12,13 +12,14 @@ import torch
 from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike, iter_batches
-from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device, seeded
+from latentdiag._random import seeded
+from latentdiag._runtime import check_model_on, evaluation, resolve_device
 from latentdiag._validation import check_int, check_seed, clip_message
 from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
 from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "with_num_dims",
-           "per_datapoint_pass", "per_dim_extras"]
+           "per_datapoint_pass", "per_dim_extras", "ratio_of_sums"]
 
 _LN2 = math.log(2.0)
 
@@ -57,7 +58,7 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
     columns: dict[str, list[torch.Tensor]] = {}
     from tqdm.auto import tqdm
 
-    with evaluation(model), seeded(seed, run_device):
+    with evaluation(model), seeded(seed, PER_DATAPOINT, run_device):
         batches = iter_batches(data, batch_size=batch_size, device=run_device)
         for batch in tqdm(batches, desc=estimator, unit="batch", disable=not progress, leave=False):
             try:
@@ -84,6 +85,9 @@ def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estima
     return out, {"device": str(run_device), "dtype": model_dtype(model)}
 
 
+#: Purpose of the posterior draws of the per-datapoint pass: rate, distortion, ELBO, IW-NLL (and decoding) called
+#: with one seed see the same z, so ELBO = -(rate + distortion) holds for separate calls too.
+PER_DATAPOINT = "per_datapoint"
 _DTYPE_WORDS = ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16", "Long", "Byte", "Int")
 
 
@@ -132,21 +136,24 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return mean, stderr
 
 
+def ratio_of_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """r = sum_n a_n / sum_n b_n and its delta-method standard error over the n pairs (a_n, b_n),
+    sqrt(sum_n (a_n - r b_n)^2 / (n (n - 1))) / mean(b) (Cochran 1977, ch. 6; NaN for n = 1)."""
+    n = a.size
+    ratio = float(a.sum() / b.sum())
+    se = float(np.sqrt(((a - ratio * b) ** 2).sum() / (n * (n - 1))) / b.mean()) if n > 1 else float("nan")
+    return ratio, se
+
+
 def per_dim_extras(nll: np.ndarray, dims: np.ndarray | None, prefix: str = "") -> dict[str, float]:
     """Bits per dimension and perplexity of per-datapoint NLLs, with delta-method standard errors.
 
     BPD = sum_n NLL_n / (ln 2 * sum_n d_n); perplexity = exp(sum_n NLL_n / sum_n d_n) (corpus-level, as in
-    language modelling). For a ratio of sums r = sum a / sum b the standard error is
-    sqrt(sum (a_n - r b_n)^2 / (n (n - 1))) / mean(b).
+    language modelling); standard errors of the ratio of sums from :func:`ratio_of_sums`.
     """
     if dims is None:
         return {}
-    n = nll.size
-    ratio = float(nll.sum() / dims.sum())
-    if n > 1:
-        se_ratio = float(np.sqrt(((nll - ratio * dims) ** 2).sum() / (n * (n - 1))) / dims.mean())
-    else:
-        se_ratio = float("nan")
+    ratio, se_ratio = ratio_of_sums(nll, dims)
     return {
         f"{prefix}bits_per_dim": ratio / _LN2,
         f"{prefix}bits_per_dim_stderr": se_ratio / _LN2,

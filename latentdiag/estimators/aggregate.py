@@ -19,7 +19,7 @@ from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
 from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
-from latentdiag._runtime import mix_seed
+from latentdiag._random import torch_generator
 from latentdiag.estimators.encoded import EncodedTable, as_table
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
@@ -73,8 +73,8 @@ class AggregatePosterior:
 def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, samples_per_point: int = 1,
                         saturation_margin: float = 1.0, chunk_size: int = 1024, per_dim_chunk_size: int = 64,
                         decompose: bool = True, convergence: bool = True, seed: int | None = 0,
-                        max_pairs: int | None = None, progress: bool = False,
-                        **encode_kwargs: Any) -> AggregatePosterior:
+                        max_pairs: int | None = None, progress: bool = False, batch_size: int | None = None,
+                        kl_samples: int | None = None, device: Any = None) -> AggregatePosterior:
     """Estimate the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) of the whole data set and split the rate.
 
     With z_i ~ q(z|x_{n_i}) (``samples_per_point`` per datapoint), S_i = sum_{j != n_i} q(z_i|x_j) (streamed,
@@ -132,14 +132,13 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         :class:`LongComputationWarning` is issued when that exceeds a minute.
     progress : bool
         Progress bars (with the remaining-time estimate) for the encoder pass and the pairwise kernels, on stderr.
-    **encode_kwargs
-        Passed to :func:`latentdiag.encode` (``batch_size``, ``device``, ``progress``, ...).
+    batch_size, kl_samples, device
+        Encoder options with a model (:func:`latentdiag.encode`; None: its default); omitted with a table.
     """
-    if not isinstance(model_or_table, EncodedTable) and progress:
-        encode_kwargs = {**encode_kwargs, "progress": True}
-    table = as_table(model_or_table, data, encode_kwargs)
-    samples_per_point = check_int("samples_per_point", samples_per_point)
     seed = check_seed("seed", seed, allow_none=True)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=seed)
+    samples_per_point = check_int("samples_per_point", samples_per_point)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs)
     margin = check_positive_float("saturation_margin", saturation_margin)
@@ -156,7 +155,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             raise ValueError(f"max_pairs = {max_pairs} allows fewer than 2 datapoints with samples_per_point = "
                              f"{samples_per_point} (n x samples_per_point x n <= max_pairs); raise it to at least "
                              f"{4 * samples_per_point}.")
-        gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0) ^ _SUBSAMPLE_PURPOSE)
+        gen = torch_generator(seed, "aggregate.max_pairs_subsample")
         chosen = torch.sort(torch.randperm(full_n, generator=gen)[:n_sub]).values
         table = table.subset(chosen)
         subsample = {"n_total": full_n, "n_used": n_sub, "max_pairs": max_pairs, "pairs_full": full_pairs}
@@ -229,7 +228,6 @@ class LongComputationWarning(UserWarning):
     """A requested computation is expected to take long (more than a minute); the message says how to bound it."""
 
 
-_SUBSAMPLE_PURPOSE = 0x5AB5_A3B1  # the subsample must not share a stream with the samples or the subsets' order
 _CALIBRATE_ABOVE = 10_000_000     # pairs: below this the whole computation takes about a second or less
 _WARN_SECONDS = 60.0
 
@@ -448,48 +446,56 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv):
     return out
 
 
-def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = None, *, batch_size: int = 50,
-                                 samples_per_point: int = 1, seed: int | None = 0,
-                                 **encode_kwargs: Any) -> Estimate:
+def minibatch_mutual_information(model_or_table: Any, data: DataLike | None = None, *, minibatch_size: int = 50,
+                                 samples_per_point: int = 1, seed: int | None = 0, batch_size: int | None = None,
+                                 kl_samples: int | None = None, device: Any = None,
+                                 progress: bool = False) -> Estimate:
     """The minibatch MI estimate of much published code: q(z) built from each batch of B datapoints alone.
 
     MI_B = mean over batches of E_{i in batch}[log q(z_i|x_i) - log (1/B) sum_{j in batch} q(z_i|x_j)], batches
     taken in data order, weighted by their sizes. It is capped at log B (3.9 nats for B = 50) and is a different
     quantity from the full-data MI of :func:`aggregate_posterior`; offered so that numbers can be compared with
     published ones (e.g. the code of He et al., "Lagging Inference Networks", 2019).
+
+    ``minibatch_size`` is B (it was called ``batch_size`` before issue 18: ``batch_size`` is the encoder's batch
+    everywhere, as in :func:`latentdiag.encode`).
     """
-    table = as_table(model_or_table, data, encode_kwargs)
-    batch_size = check_int("batch_size", batch_size, minimum=2)
     seed = check_seed("seed", seed, allow_none=True)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=seed)
+    minibatch_size = check_int("minibatch_size", minibatch_size, minimum=2)
     z, index, log_q_own = table.sample(check_int("samples_per_point", samples_per_point), seed=seed)
     values = torch.empty(z.shape[0], dtype=torch.float64)
-    for start in range(0, table.n, batch_size):
-        stop = min(start + batch_size, table.n)
+    for start in range(0, table.n, minibatch_size):
+        stop = min(start + minibatch_size, table.n)
         sel = (index >= start) & (index < stop)
         lse = logsumexp_log_q(z[sel], table, datapoints=(start, stop))
         values[sel] = log_q_own[sel] - (lse - math.log(stop - start))
     value, stderr = mean_and_stderr(values.numpy())
-    cap = math.log(batch_size)
-    notes = [f"minibatch estimator: capped at log B = {cap:.3f} nats (B = {batch_size}); not the full-data MI"]
+    cap = math.log(minibatch_size)
+    notes = [f"minibatch estimator: capped at log B = {cap:.3f} nats (B = {minibatch_size}); not the full-data MI"]
     flags = ["minibatch", "bound", "monte_carlo"]
     if cap - value < 1.0:
         flags.append("saturated")
         notes.insert(0, f"saturated: within {cap - value:.3f} nats of log B")
     return Estimate(name="minibatch_mutual_information", value=value, stderr=stderr, n=z.shape[0], unit="nats",
-                    estimator=f"MI within data-order batches of B = {batch_size}, averaged",
-                    settings={"batch_size": batch_size, "samples_per_point": samples_per_point, "seed": seed,
+                    estimator=f"MI within data-order batches of B = {minibatch_size}, averaged",
+                    settings={"minibatch_size": minibatch_size, "samples_per_point": samples_per_point, "seed": seed,
                               "log_b": cap},
                     notes=tuple(notes), flags=tuple(flags), extra={"log_b": cap})
 
 
 def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold: float = 0.01,
-                 **encode_kwargs: Any) -> Estimate:
+                 batch_size: int | None = None, kl_samples: int | None = None, device: Any = None,
+                 progress: bool = False, seed: int | None = 0) -> Estimate:
     """Number of active latent dimensions: A_d = Cov_x(E_q[z_d | x]) > ``threshold`` (Burda et al., 2016).
 
     The per-dimension variances of the posterior means are kept in ``per_dimension["activity"]`` (for the
-    sorted plot with the threshold line).
+    sorted plot with the threshold line). ``batch_size``, ``kl_samples``, ``device``, ``progress``, ``seed``: the
+    encoder pass's options with a model (:func:`latentdiag.encode`).
     """
-    table = as_table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=check_seed("seed", seed, allow_none=True))
     threshold = check_positive_float("threshold", threshold)
     if table.n < 2:
         raise InsufficientDataError(f"active units need at least 2 datapoints; got {table.n}.")
@@ -502,13 +508,17 @@ def active_units(model_or_table: Any, data: DataLike | None = None, *, threshold
                     per_dimension={"activity": activity, "active": active.astype(float)})
 
 
-def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, **encode_kwargs: Any) -> Estimate:
+def per_dimension_kl(model_or_table: Any, data: DataLike | None = None, *, batch_size: int | None = None,
+                     kl_samples: int | None = None, device: Any = None, progress: bool = False,
+                     seed: int | None = 0) -> Estimate:
     """E_x KL(q(z_d|x) || p(z_d)) per dimension d (analytic, for factorised Normal posteriors and priors).
 
     ``value`` is their sum (the rate, for a factorised posterior and prior); ``per_dimension["kl"]`` holds the
-    per-dimension values for the sorted-KL plot.
+    per-dimension values for the sorted-KL plot. ``batch_size``, ``kl_samples``, ``device``, ``progress``,
+    ``seed``: the encoder pass's options with a model (:func:`latentdiag.encode`).
     """
-    table = as_table(model_or_table, data, encode_kwargs)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=check_seed("seed", seed, allow_none=True))
     prior = table.prior
     if table.family != "diag_normal" or not is_diagonal_normal(prior):
         raise UnsupportedModelError("per_dimension_kl needs a diagonal Normal posterior and an Independent(Normal) prior; got "

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentdiag._runtime import mix_seed
+from latentdiag._random import torch_generator
 
 __all__ = ["Convergence", "nested_sizes", "nested_groups", "difference_stderr", "NOT_CONVERGED_Z"]
 
 #: The last doubling may move an estimate by at most this many standard errors of the difference.
 NOT_CONVERGED_Z = 2.0
 _NUMERICAL_ZERO = 1e-6  # nats: a move this small is rounding, not a trend (a collapsed code's MI moves by ~1e-16)
-_PURPOSE = 0x5EED_C0DE  # the subset order must not share a stream with the samples of the same seed
 
 
 def nested_sizes(n: int, fractions: tuple[int, ...] = (8, 4, 2, 1)) -> tuple[int, ...]:
@@ -40,7 +39,7 @@ def nested_groups(n: int, sizes: tuple[int, ...], seed: int | None) -> tuple[tor
     size > rank[j]; ``groups[j]`` is the smallest such subset's index, so subset k is {j : groups[j] <= k}. The
     order is random (not data order), so a data set sorted by class or length still gives representative subsets.
     """
-    gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0) ^ _PURPOSE)
+    gen = torch_generator(seed, "convergence.nested_subsets")
     perm = torch.randperm(n, generator=gen)
     rank = torch.empty(n, dtype=torch.long)
     rank[perm] = torch.arange(n)

@@ -20,15 +20,18 @@ import torch
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
-from latentdiag._runtime import evaluation, model_device, resolve_device, seeded
+from latentdiag._random import seeded, torch_generator
+from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device
 from latentdiag._validation import check_int, check_seed
 from latentdiag.adapters.protocol import require_capability
 from latentdiag.estimators._common import (
+    PER_DATAPOINT,
     NonFiniteEstimateError,
     check_model_arg,
     encode_checked,
     mean_and_stderr,
     model_dtype,
+    ratio_of_sums,
 )
 from latentdiag.results import Estimate
 
@@ -49,6 +52,14 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> to
     Computed in float64 from the log-probabilities (no subtraction of entropies), and clamped to [0, ln 2]
     against rounding. JS = 0 iff P = Q; JS = ln 2 iff P and Q have disjoint supports.
     """
+    for name, value in (("log_p", log_p), ("log_q", log_q)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = f"tensor of {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"js_divergence: {name} must be a floating-point torch.Tensor of log-probabilities; got "
+                            f"{got}.")
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"js_divergence: log_p and log_q must have the same shape; got {tuple(log_p.shape)} and "
+                         f"{tuple(log_q.shape)}.")
     log_p, log_q = log_p.to(torch.float64), log_q.to(torch.float64)
     log_m = torch.where(log_p == log_q, log_p, torch.logaddexp(log_p, log_q) - _LN2)  # exactly 0 when P = Q
     p, q = log_p.exp(), log_q.exp()
@@ -240,15 +251,14 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
     run_device = resolve_device(device, model)
-    if isinstance(model, torch.nn.Module) and device is not None and model_device(model) != run_device:
-        raise ValueError(f"device is {str(run_device)!r} but the model is on {str(model_device(model))!r}; move the "
-                         "model first (model.to(device)) or leave device=None to use the model's device.")
+    if device is not None:
+        check_model_on(model, run_device)
 
     parts: list[dict[str, torch.Tensor]] = []
     offset = 0
     from tqdm.auto import tqdm
 
-    with evaluation(model), seeded(seed, run_device):
+    with evaluation(model), seeded(seed, PER_DATAPOINT, run_device):
         batches = iter_batches(data, batch_size=batch_size, device=run_device)
         for batch in tqdm(batches, desc="decoding_divergence", unit="batch", disable=not progress, leave=False):
             x = batch.x
@@ -459,9 +469,7 @@ def _token_mean(values: np.ndarray, counted: np.ndarray, keep: np.ndarray) -> di
     """Token-weighted mean r = sum a_n / sum L_n and its delta-method standard error over datapoints."""
     a = np.where(counted, values, 0.0).sum(1)[keep]
     b = counted.sum(1)[keep].astype(np.float64)
-    n = a.size
-    ratio = float(a.sum() / b.sum())
-    se = float(np.sqrt(((a - ratio * b) ** 2).sum() / (n * (n - 1))) / b.mean()) if n > 1 else float("nan")
+    ratio, se = ratio_of_sums(a, b)
     return {"token_mean": ratio, "token_mean_stderr": se}
 
 
@@ -500,7 +508,6 @@ def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None
     code carries the sentence) and writes an unrelated sentence from a prior code; a collapsed one writes the same
     sentence from both.
     """
-    from latentdiag._runtime import mix_seed
     from latentdiag.adapters.protocol import UnsupportedModelError
 
     n = check_int("n", n)
@@ -510,7 +517,7 @@ def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None
         raise UnsupportedModelError("decoded examples need a text model with generate(z) and a vocab")
     x = next(iter(iter_batches(data, batch_size=n))).x[:n]
     device = model_device(model)
-    gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
+    gen = torch_generator(seed, "decoded_examples")
     with evaluation(model), torch.no_grad():
         q, p = model.encode(x.to(device)), model.prior()
         eps = torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Normal
+from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike
-from latentdiag._runtime import mix_seed
+from latentdiag._random import seeded, torch_generator
 from latentdiag._distributions import diagonal_marginals, is_diagonal_normal, kl_divergence
 from latentdiag._validation import check_int
+from latentdiag.adapters.protocol import LatentVariableModel
 from latentdiag.estimators._common import encode_checked, per_datapoint_pass
 
 __all__ = ["EncodedTable", "diag_normal_log_prob", "encode"]
@@ -112,7 +112,7 @@ class EncodedTable:
             seed = check_int("seed", seed, minimum=0)
             if seed >= 2 ** 63:
                 raise ValueError(f"seed must be an integer in 0..2**63 - 1; got {seed} (never wrapped).")
-        gen = torch.Generator().manual_seed(mix_seed(seed if seed is not None else 0))
+        gen = torch_generator(seed, "encoded.sample")
         s, d = samples_per_point, self.latent_dim
         index = torch.arange(self.n).repeat_interleave(s)
         if self.family == "diag_normal":
@@ -120,8 +120,7 @@ class EncodedTable:
             z = (self.loc[:, None, :] + self.scale[:, None, :] * eps).reshape(-1, d)
             return z, index, diag_normal_log_prob(z, self.loc[index], self.scale[index])
         zs, logs = [], []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+        with seeded(seed, "encoded.sample_generic"):
             for q in self.batches:
                 z = q.sample((s,))  # (S, B, D)
                 logs.append(q.log_prob(z).transpose(0, 1).reshape(-1).to("cpu", torch.float64))
@@ -172,19 +171,28 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
                         labels=labels, settings={"batch_size": batch_size, "seed": seed, **run})
 
 
-def as_table(model_or_table: Any, data: DataLike | None, encode_kwargs: Mapping[str, Any], *,
-             table_ignores: tuple[str, ...] = ()) -> EncodedTable:
-    """The table given, or ``encode(model, data, **encode_kwargs)``; with a table, ``data`` and encoder options
-    (other than ``table_ignores``, options the caller also uses for itself) must be omitted."""
+def as_table(model_or_table: Any, data: DataLike | None, *, batch_size: int | None = None,
+             kl_samples: int | None = None, device: Any = None, progress: bool = False,
+             seed: int | None = 0) -> EncodedTable:
+    """The table given, or ``encode(model, data, ...)`` with these encoder options (None: :func:`encode`'s
+    default). With a table, ``data`` and the encoder options ``batch_size``, ``kl_samples`` and ``device`` must be
+    omitted (``progress`` and ``seed`` are also the caller's own options, so they are allowed)."""
+    options = {"batch_size": batch_size, "kl_samples": kl_samples}
+    if not isinstance(model_or_table, (EncodedTable, LatentVariableModel)):
+        missing = [m for m in ("encode", "prior", "log_likelihood") if not callable(getattr(model_or_table, m, None))]
+        raise TypeError("model_or_table must be an EncodedTable (from latentdiag.encode(model, data)) or a model "
+                        f"following latentdiag.LatentVariableModel; got {type(model_or_table).__name__}, which "
+                        f"lacks {', '.join(m + '()' for m in missing)}.")
     if isinstance(model_or_table, EncodedTable):
-        extra = {k: v for k, v in encode_kwargs.items() if k not in table_ignores}
-        if data is not None or extra:
+        given = sorted(k for k, v in {**options, "device": device}.items() if v is not None)
+        if data is not None or given:
             raise ValueError("data and encoder options must be omitted when an EncodedTable is given; got "
-                             f"data={type(data).__name__}, options {sorted(extra)}.")
+                             f"data={type(data).__name__}, options {given}.")
         return model_or_table
     if data is None:
         raise ValueError("data is required when a model (not an EncodedTable) is given.")
-    return encode(model_or_table, data, **encode_kwargs)
+    return encode(model_or_table, data, device=device, progress=progress, seed=seed,
+                  **{k: v for k, v in options.items() if v is not None})
 
 
 def _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state):

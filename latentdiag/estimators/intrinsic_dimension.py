@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentdiag._random import numpy_rng
 from latentdiag.errors import InsufficientDataError
-from latentdiag._validation import check_choice, check_int, check_seed
+from latentdiag._validation import check_choice, check_fraction, check_int, check_seed
 from latentdiag.estimators.representations import Representations
 from latentdiag.results import Estimate
 
@@ -91,7 +92,7 @@ class IntrinsicDimension:
 
 
 def intrinsic_dimension(reps: Any, *, rule: str = "relative", threshold: float | None = None, bootstrap: int = 20,
-                        seed: int = 0) -> IntrinsicDimension:
+                        seed: int | None = 0) -> IntrinsicDimension:
     """Number of principal components of the representations above a stated threshold (Zhang et al. 2022,
     Section 3 and Figure 5: "the number of the non-zero eigenvalues" of a PCA).
 
@@ -124,9 +125,13 @@ def intrinsic_dimension(reps: Any, *, rule: str = "relative", threshold: float |
     from sklearn.decomposition import PCA
 
     rule = check_choice("rule", rule, tuple(ID_RULES))
-    threshold = ID_RULES[rule] if threshold is None else _check_fraction("threshold", threshold, rule)
+    if threshold is None:
+        threshold = ID_RULES[rule]
+    else:
+        threshold = check_fraction("threshold", threshold, include_one=rule == "explained_variance",
+                                   context=f" for rule={rule!r}")
     bootstrap = check_int("bootstrap", bootstrap, minimum=0)
-    seed = check_seed("seed", seed)
+    seed = check_seed("seed", seed, allow_none=True)
     x = _as_matrix("reps", reps)
     if x.shape[0] < 2:
         raise InsufficientDataError(f"reps must hold at least 2 representation vectors for a PCA; got {x.shape[0]}.")
@@ -151,7 +156,7 @@ def intrinsic_dimension(reps: Any, *, rule: str = "relative", threshold: float |
         flags.append("few_samples")
     boots = np.zeros(0)
     if bootstrap:
-        rng = np.random.default_rng(seed)
+        rng = numpy_rng(seed, "intrinsic_dimension.bootstrap")
         boots = np.array([_count(spectrum(x[rng.integers(0, n, n)]), rule, threshold) for _ in range(bootstrap)],
                          dtype=float)
     return IntrinsicDimension(dimension=dim, eigenvalues=eig, explained_variance_ratio=ratio, rule=rule,
@@ -174,18 +179,6 @@ def _rule_text(rule: str, threshold: float) -> str:
     if rule == "relative":
         return f"PCA eigenvalues with lambda / lambda_max > {threshold:g}"
     return f"fewest PCA components explaining >= {threshold:g} of the variance"
-
-
-def _check_fraction(name: str, value: Any, rule: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number in (0, 1) for rule={rule!r}; got {type(value).__name__} "
-                        f"{value!r}.")
-    value = float(value)
-    upper_ok = value <= 1 if rule == "explained_variance" else value < 1
-    if not (value > 0 and upper_ok):
-        interval = "(0, 1]" if rule == "explained_variance" else "(0, 1)"
-        raise ValueError(f"{name} must lie in {interval} for rule={rule!r}; got {value}.")
-    return value
 
 
 def _as_matrix(name: str, reps: Any) -> np.ndarray:

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from latentdiag._runtime import mix_seed, resolve_device, seeded
+from latentdiag._random import numpy_rng, resolve_seed, seeded, child_seed, torch_generator
+from latentdiag._runtime import resolve_device
 from latentdiag.errors import InsufficientDataError
-from latentdiag._validation import check_choice, check_int, check_positive_float, check_seed, SEED_MAX
+from latentdiag._validation import check_choice, check_fraction, check_int, check_positive_float, check_seed
 from latentdiag.estimators.representations import Representations
-from latentdiag.results import Estimate
+from latentdiag.results import Estimate, json_safe
 
 __all__ = ["PROBES", "ProbeData", "ProbeResult", "SampleEfficiency", "linear_probe", "nonlinear_probe", "probe_many",
            "probe_network", "sample_efficiency", "stratified_subset"]
@@ -102,7 +103,7 @@ class ProbeResult:
 # -- public probes ------------------------------------------------------------------------------------------------
 
 def linear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_labels: Any, *, seeds: int = 3,
-                 seed: int = 0, C_grid: Sequence[float] = _DEFAULT_C_GRID, validation_fraction: float = 0.1,
+                 seed: int | None = 0, C_grid: Sequence[float] = _DEFAULT_C_GRID, validation_fraction: float = 0.1,
                  refit: bool = True, max_iter: int = 5000) -> ProbeResult:
     """Linear probe: a linear SVM (``sklearn.svm.LinearSVC``, one-vs-rest, squared hinge) on standardised
     representations, with C chosen on a validation split (Zhang et al. 2022, Section 3; the probe of Hjelm et al.
@@ -127,8 +128,8 @@ def linear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_labels
     train_labels, test_labels : array or tensor (N,), or None to take them from Representations
     seeds : int
         Number of seeds (3, as in the paper's tables).
-    seed : int
-        The first seed.
+    seed : int or None
+        The first seed; None draws a fresh one (recorded in the result's ``seeds``).
     C_grid : sequence of float
         Candidate inverse regularisation strengths.
     validation_fraction : float
@@ -146,7 +147,7 @@ def linear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_labels
 
 
 def nonlinear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_labels: Any, *, seeds: int = 3,
-                    seed: int = 0, hidden: Sequence[int] = (200,), dropout: float = 0.1, lr: float = 1e-3,
+                    seed: int | None = 0, hidden: Sequence[int] = (200,), dropout: float = 0.1, lr: float = 1e-3,
                     batch_size: int = 100, max_epochs: int = 100, patience: int = 10,
                     validation_fraction: float = 0.1, weight_decay: float = 0.0, device: Any = "auto"
                     ) -> ProbeResult:
@@ -172,7 +173,7 @@ def nonlinear_probe(train_reps: Any, train_labels: Any, test_reps: Any, test_lab
     train_reps, test_reps : array or tensor (N, F) or (N, k, F), or Representations
     train_labels, test_labels : array or tensor (N,), or None to take them from Representations
     seeds, seed : int
-        Number of seeds and the first seed.
+        Number of seeds and the first seed (None: a fresh one, recorded in the result's ``seeds``).
     hidden : sequence of int
         Hidden widths ((200,) is the paper's probe).
     dropout : float
@@ -248,7 +249,7 @@ class SampleEfficiency:
 
 def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_labels: Any, *,
                       sizes: Sequence[int | None] = (10, 100, 1000, None), probe: str = "linear", seeds: int = 3,
-                      seed: int = 0, **probe_kwargs: Any) -> SampleEfficiency:
+                      seed: int | None = 0, **probe_kwargs: Any) -> SampleEfficiency:
     """Probe accuracy when the probe sees only n labelled training datapoints, for each n in ``sizes`` (None: all),
     the data-efficiency view the paper argues from (Zhang et al. 2022, Section 6).
 
@@ -269,8 +270,9 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
         Passed to the probe (e.g. ``max_epochs`` or ``C_grid``).
     """
     probe = check_choice("probe", probe, PROBES)
+    _check_probe_options("sample_efficiency", probe, probe_kwargs)
     seeds = check_int("seeds", seeds)
-    seed = check_seed("seed", seed)
+    seed = resolve_seed(check_seed("seed", seed, allow_none=True))
     data = ProbeData.build(train_reps, train_labels, [test_reps], test_labels)
     n_all = data.n_train
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
@@ -304,7 +306,7 @@ def sample_efficiency(train_reps: Any, train_labels: Any, test_reps: Any, test_l
                             chance=data.chance, n_classes=data.n_classes, notes=tuple(notes),
                             flags=tuple(sorted(flags)),
                             settings={"probe": probe, "seeds": seeds, "seed": seed, "n_train": n_all,
-                                      "n_test": data.n_test, **{k: _plain(v) for k, v in probe_kwargs.items()}})
+                                      "n_test": data.n_test, **json_safe(dict(probe_kwargs), default=str)})
 
 
 # -- machinery ----------------------------------------------------------------------------------------------------
@@ -429,17 +431,9 @@ def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     n_val = max(classes.size, int(math.ceil(fraction * n)))
     if counts.min() < 2 or n - n_val < classes.size:
         return None
-    fit, val = train_test_split(np.arange(n), test_size=n_val, stratify=y, random_state=_sk_seed(seed))
+    fit, val = train_test_split(np.arange(n), test_size=n_val, stratify=y,
+                                random_state=child_seed(seed, "probe.validation_split"))
     return np.sort(fit), np.sort(val)
-
-
-def _sk_seed(seed: int) -> int:
-    """scikit-learn's ``random_state`` for the probe seed ``seed``: the seed itself up to 2**32 - 1 (the user's
-    seeds are checked to lie there), and for the later seeds seed + j beyond it a hash of the seed (never a wrap onto
-    seed 0, 1, ...)."""
-    if seed <= SEED_MAX:
-        return seed
-    return int(np.random.SeedSequence([seed, 0x5C1]).generate_state(1, np.uint32)[0])
 
 
 def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, str | None]:
@@ -468,26 +462,12 @@ def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarr
     n = check_int("size", n, minimum=1)
     classes, counts = np.unique(y, return_counts=True)
     if n >= classes.size and counts.min() >= 2 and total - n >= classes.size:
-        index, _ = train_test_split(np.arange(total), train_size=n, stratify=y, random_state=_sk_seed(seed))
+        index, _ = train_test_split(np.arange(total), train_size=n, stratify=y,
+                                    random_state=child_seed(seed, "probe.subset"))
         return np.sort(index), None
-    rng = np.random.default_rng(mix_seed(seed))
+    rng = numpy_rng(seed, "probe.subset")
     return (np.sort(rng.choice(total, size=n, replace=False)),
             f"subset of {n} is uniform, not stratified ({classes.size} classes)")
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    value = check_positive_float(name, value)
-    if value >= 1:
-        raise ValueError(f"{name} must lie in (0, 1); got {value}.")
-    return value
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (bool, int, float, str)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return str(v)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -496,7 +476,23 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def probe_many(probe: str, data: ProbeData, *, seeds: int = 3, seed: int = 0, **opts: Any) -> list[ProbeResult]:
+def _check_probe_options(caller: str, probe: str, options: Mapping[str, Any]) -> None:
+    """A TypeError naming ``caller`` (and the closest option) for an option the probe does not take."""
+    import difflib
+    import inspect
+
+    function = linear_probe if probe == "linear" else nonlinear_probe
+    known = [p for p in inspect.signature(function).parameters
+             if p not in ("train_reps", "train_labels", "test_reps", "test_labels", "seeds", "seed")]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known + ["seeds", "seed"], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}: unknown option for the {probe} "
+                            f"probe (latentdiag.{probe}_probe takes {', '.join(known)}).{hint}")
+
+
+def probe_many(probe: str, data: ProbeData, *, seeds: int = 3, seed: int | None = 0, **opts: Any) -> list[ProbeResult]:
     """Train ``seeds`` probes and score each on every test set of ``data``; one ProbeResult per test set.
 
     ``probe`` is one of :data:`PROBES`; ``opts`` are the options of :func:`linear_probe` / :func:`nonlinear_probe`
@@ -504,7 +500,7 @@ def probe_many(probe: str, data: ProbeData, *, seeds: int = 3, seed: int = 0, **
     """
     probe = check_choice("probe", probe, PROBES)
     seeds = check_int("seeds", seeds)
-    seed = check_seed("seed", seed)
+    seed = resolve_seed(check_seed("seed", seed, allow_none=True))
     fitter = _LinearFitter if probe == "linear" else _MLPFitter
     try:
         fit = fitter(**opts)
@@ -571,7 +567,7 @@ class _LinearFitter:
         if isinstance(C_grid, (str, bytes)) or not isinstance(C_grid, Sequence) or not C_grid:
             raise TypeError(f"C_grid must be a non-empty sequence of positive numbers; got {C_grid!r}.")
         self.C_grid = tuple(sorted(check_positive_float("C_grid", c) for c in C_grid))
-        self.validation_fraction = _check_fraction("validation_fraction", validation_fraction)
+        self.validation_fraction = check_fraction("validation_fraction", validation_fraction)
         self.refit = bool(refit)
         self.max_iter = check_int("max_iter", max_iter)
         self.settings = {"C_grid": list(self.C_grid), "validation_fraction": self.validation_fraction,
@@ -591,7 +587,7 @@ class _LinearFitter:
         from sklearn.svm import LinearSVC
 
         pipe = make_pipeline(StandardScaler(), LinearSVC(C=c, dual="auto", max_iter=self.max_iter,
-                                                         random_state=_sk_seed(seed)))
+                                                         random_state=child_seed(seed, "probe.linear_svc")))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             pipe.fit(x, y)
@@ -674,7 +670,7 @@ class _MLPFitter:
         self.batch_size = check_int("batch_size", batch_size, minimum=2)
         self.max_epochs = check_int("max_epochs", max_epochs)
         self.patience = check_int("patience", patience)
-        self.validation_fraction = _check_fraction("validation_fraction", validation_fraction)
+        self.validation_fraction = check_fraction("validation_fraction", validation_fraction)
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
             raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}.")
         self.weight_decay = float(weight_decay)
@@ -718,8 +714,8 @@ class _MLPFitter:
             x_val = tensor(x[val_idx].reshape(-1, f))
             y_val = torch.as_tensor(np.repeat(y[val_idx], k), dtype=torch.long, device=device)
         loss_fn = nn.CrossEntropyLoss()
-        order = torch.Generator().manual_seed(mix_seed(seed))
-        with seeded(seed, device):
+        order = torch_generator(seed, "probe.minibatch_order")
+        with seeded(seed, "probe.init_and_dropout", device):
             net = probe_network(f, n_classes, hidden=self.hidden, dropout=self.dropout).to(device)
             opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0

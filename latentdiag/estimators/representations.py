@@ -26,7 +26,7 @@ from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag._batching import DataLike
 from latentdiag._distributions import is_diagonal_normal
-from latentdiag._validation import check_choice, check_int
+from latentdiag._validation import check_choice, check_int, check_seed
 from latentdiag.estimators._common import mean_and_stderr
 from latentdiag.estimators.encoded import EncodedTable, as_table
 from latentdiag.results import Estimate
@@ -94,8 +94,9 @@ class Representations:
 
 
 def extract_representations(model_or_table: Any, data: DataLike | None = None, *, kind: str = "map",
-                            samples_per_point: int = 1, seed: int | None = 0,
-                            **encode_kwargs: Any) -> Representations:
+                            samples_per_point: int = 1, seed: int | None = 0, batch_size: int | None = None,
+                            kl_samples: int | None = None, device: Any = None,
+                            progress: bool = False) -> Representations:
     """Representations of every datapoint from one encoder pass (Zhang et al. 2022, Section 5.1).
 
     - ``"map"``: z = E_q[z|x] = argmax_z q(z|x) for a Gaussian posterior N(mu(x), sigma(x)^2) (for another
@@ -115,17 +116,17 @@ def extract_representations(model_or_table: Any, data: DataLike | None = None, *
         k, for ``kind="sample"`` only.
     seed : int or None
         Seed of the posterior samples (and of the encoder pass when a model is given).
-    **encode_kwargs
-        Passed to :func:`latentdiag.encode` (``batch_size``, ``device``, ...).
+    batch_size, kl_samples, device, progress
+        Encoder options with a model (:func:`latentdiag.encode`; None: its default); omitted with a table.
     """
     kind = check_choice("kind", kind, REPRESENTATION_KINDS)
     samples_per_point = check_int("samples_per_point", samples_per_point)
     if kind != "sample" and samples_per_point != 1:
         raise ValueError(f"samples_per_point applies to kind='sample' only; got samples_per_point="
                          f"{samples_per_point} with kind={kind!r}.")
-    if model_or_table is not None and not isinstance(model_or_table, EncodedTable) and "seed" not in encode_kwargs:
-        encode_kwargs = {**encode_kwargs, "seed": seed}
-    table = as_table(model_or_table, data, encode_kwargs, table_ignores=("seed",))
+    seed = check_seed("seed", seed, allow_none=True)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=seed)
     labels = None if table.labels is None else table.labels.numpy()
     notes: list[str] = []
     settings: dict[str, Any] = {"kind": kind, "family": table.family, "latent_dim": table.latent_dim}
@@ -142,7 +143,9 @@ def extract_representations(model_or_table: Any, data: DataLike | None = None, *
     return Representations(kind, np.ascontiguousarray(values, dtype=np.float64), labels, settings, tuple(notes))
 
 
-def conditional_entropy(model_or_table: Any, data: DataLike | None = None, **encode_kwargs: Any) -> Estimate:
+def conditional_entropy(model_or_table: Any, data: DataLike | None = None, *, batch_size: int | None = None,
+                        kl_samples: int | None = None, device: Any = None, progress: bool = False,
+                        seed: int | None = 0) -> Estimate:
     """Conditional entropy of the posterior, E_x H(q(z|x)), in nats (Zhang et al. 2022, Table 1).
 
     For a diagonal Gaussian, H(q(z|x)) = sum_d log sigma_d(x) + (D/2) log(2 pi e); other families use their own
@@ -155,10 +158,11 @@ def conditional_entropy(model_or_table: Any, data: DataLike | None = None, **enc
     model_or_table : LatentVariableModel or EncodedTable
     data : data, optional
         Required with a model, omitted with a table.
-    **encode_kwargs
-        Passed to :func:`latentdiag.encode`.
+    batch_size, kl_samples, device, progress, seed
+        Encoder options with a model (:func:`latentdiag.encode`; None: its default); omitted with a table.
     """
-    table = as_table(model_or_table, data, encode_kwargs, table_ignores=("seed",))
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=check_seed("seed", seed, allow_none=True))
     if table.family == "diag_normal":
         per_point = (torch.log(table.scale).sum(1) + 0.5 * table.latent_dim * _LOG_2PI_E).numpy()
         how = "analytic diagonal-Gaussian entropy sum_d log sigma_d + (D/2) log(2 pi e)"

@@ -16,19 +16,25 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, MultivariateNormal, Normal
+from torch.distributions import Distribution, MultivariateNormal
 
 from latentdiag._distributions import is_diagonal_normal
-from latentdiag._runtime import mix_seed
-from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag._random import numpy_rng, seeded, stream_seed
+from latentdiag._validation import check_choice, check_fraction, check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import prior_device_dtype
-from latentdiag.estimators.encoded import EncodedTable
+from latentdiag._batching import DataLike
+from latentdiag.estimators.encoded import as_table
 from latentdiag.results import Estimate
 
 __all__ = ["ks_test", "mmd_test", "mmd_aggregate_vs_prior"]
 
 _ESTIMATORS = ("quadratic", "linear")
-_STREAM_Q, _STREAM_PRIOR, _STREAM_MEDIAN, _STREAM_PERMUTATIONS, _STREAM_BOOTSTRAP = 0, 1, 2, 3, 4
+# purposes of one seed (latentdiag._random): never the same stream twice (prior draws replaying the q samples' noise
+# would be correlated)
+_STREAM_Q, _STREAM_PRIOR, _STREAM_MEDIAN, _STREAM_PERMUTATIONS, _STREAM_BOOTSTRAP = (
+    "two_sample.q_samples", "two_sample.prior_draws", "two_sample.median_subsample", "two_sample.permutations",
+    "two_sample.bootstrap")
+_rng = numpy_rng  # the stream of one purpose: numpy_rng(seed, _STREAM_...)
 _KERNEL = "gaussian k(a, b) = exp(-||a - b||^2 / (2 h^2))"
 _MMD_NOTE = ("raw MMD^2 depends on the kernel bandwidth and the latent dimension and is not comparable across "
              "models or latent sizes; read the p-value")
@@ -36,8 +42,9 @@ _MMD_REFERENCE = "Gretton et al., 'A Kernel Two-Sample Test', JMLR 2012"
 
 
 # -- Kolmogorov-Smirnov -------------------------------------------------------------------------------------------
-def ks_test(table: EncodedTable, *, samples_per_point: int = 1, alpha: float = 0.05, prior_samples: int = 10_000,
-            bootstrap: int = 50, seed: int | None = 0) -> Estimate:
+def ks_test(model_or_table: Any, data: DataLike | None = None, *, samples_per_point: int = 1, alpha: float = 0.05,
+            prior_samples: int = 10_000, bootstrap: int = 50, seed: int | None = 0, batch_size: int | None = None,
+            kl_samples: int | None = None, device: Any = None, progress: bool = False) -> Estimate:
     """Per-dimension Kolmogorov-Smirnov tests of the aggregate posterior marginals q(z_d) against p(z_d).
 
     z ~ q(z) by ancestral sampling (z ~ q(z|x_n) for every datapoint, ``samples_per_point`` times). For each
@@ -62,8 +69,10 @@ def ks_test(table: EncodedTable, *, samples_per_point: int = 1, alpha: float = 0
 
     Parameters
     ----------
-    table : EncodedTable
-        From :func:`latentdiag.estimators.encoded.encode`.
+    model_or_table : LatentVariableModel or EncodedTable
+        A model (``data`` is then encoded once with :func:`latentdiag.encode`) or an encoded table.
+    data : data, optional
+        Required with a model, omitted with a table.
     samples_per_point : int
         Samples of q(z|x_n) per datapoint. More than 1 gives correlated samples (several per datapoint), which
         the test treats as independent: its p-values are then too small for the population q(z).
@@ -85,17 +94,18 @@ def ks_test(table: EncodedTable, *, samples_per_point: int = 1, alpha: float = 0
         "pvalue_bh" (BH-adjusted) and "rejected" (0/1). ``extra``: "min_pvalue_bh", "max_statistic",
         "max_statistic_stderr", "alpha", "dimensions".
     """
-    _check_table(table)
+    seed = check_seed("seed", seed, allow_none=True)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=seed)
     samples_per_point = check_int("samples_per_point", samples_per_point)
-    alpha = _check_level("alpha", alpha)
+    alpha = check_fraction("alpha", alpha)
     prior_samples = check_int("prior_samples", prior_samples)
     bootstrap = check_int("bootstrap", bootstrap, minimum=0)
     if bootstrap == 1:
         raise ValueError("bootstrap must be 0 (no standard errors) or at least 2 resamples; got 1.")
-    seed = _check_seed(seed)
     from scipy import stats
 
-    z, _, _ = table.sample(samples_per_point, seed=_stream_seed(seed, _STREAM_Q))
+    z, _, _ = table.sample(samples_per_point, seed=stream_seed(seed, _STREAM_Q))
     z = z.numpy()
     d = table.latent_dim
     marginals = _prior_marginals(table.prior, d)
@@ -118,7 +128,7 @@ def ks_test(table: EncodedTable, *, samples_per_point: int = 1, alpha: float = 0
     statistic = np.array([float(r.statistic) for r in results])
     statistic_se, max_se = np.full(d, np.nan), float("nan")
     if bootstrap > 1:
-        rng = _rng(seed, _STREAM_BOOTSTRAP)
+        rng = numpy_rng(seed, _STREAM_BOOTSTRAP)
         boots = np.array([np.atleast_1d(resampled(rng)) for _ in range(bootstrap)], dtype=float)  # (B, D)
         statistic_se, max_se = boots.std(0, ddof=1), float(boots.max(1).std(ddof=1))
     pvalue = np.array([float(r.pvalue) for r in results])
@@ -234,14 +244,14 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     median_subsample = check_int("median_subsample", median_subsample, minimum=2)
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}.")
-    seed = _check_seed(seed)
+    seed = check_seed("seed", seed, allow_none=True)
 
     ys = ys.to(xs.device)
     n, m = xs.shape[0], ys.shape[0]
     pooled = torch.cat([xs, ys])
     pooled = pooled - pooled.mean(0)  # distances are unchanged; smaller norms, less cancellation in a.b
     if bandwidths is None:
-        h, used = _median_bandwidth(pooled, median_subsample, _rng(seed, _STREAM_MEDIAN))
+        h, used = _median_bandwidth(pooled, median_subsample, numpy_rng(seed, _STREAM_MEDIAN))
         bandwidths = [h]
         rule = (f"median heuristic: median pairwise Euclidean distance of the pooled sample "
                 f"({used} of {n + m} points, seeded subsample)" if used < n + m else
@@ -274,7 +284,7 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
         return Estimate(name="mmd2", value=value, stderr=stderr, n=n + m, unit="squared kernel distance",
                         estimator=how, settings=settings, notes=tuple(notes), extra=extra)
 
-    columns = _permutation_columns(n + m, n, permutations, _rng(seed, _STREAM_PERMUTATIONS))
+    columns = _permutation_columns(n + m, n, permutations, numpy_rng(seed, _STREAM_PERMUTATIONS))
     stats, stderr = _mmd2_u_columns(pooled, columns, n, bandwidths, chunk_size=chunk_size, dtype=dtype,
                                     with_stderr=True)
     value, null = float(stats[0]), stats[1:]
@@ -295,8 +305,13 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
                     estimator=how, settings=settings, notes=tuple(notes), extra=extra)
 
 
-def mmd_aggregate_vs_prior(table: EncodedTable, *, prior_samples: int | None = None, samples_per_point: int = 1,
-                           **mmd_kwargs: Any) -> Estimate:
+def mmd_aggregate_vs_prior(model_or_table: Any, data: DataLike | None = None, *, prior_samples: int | None = None,
+                           samples_per_point: int = 1,
+                           bandwidth: str | float | Sequence[float] = "median", permutations: int = 200,
+                           estimator: Literal["quadratic", "linear"] = "quadratic", chunk_size: int = 1024,
+                           median_subsample: int = 1000, dtype: torch.dtype = torch.float64,
+                           seed: int | None = 0, batch_size: int | None = None, kl_samples: int | None = None,
+                           device: Any = None, progress: bool = False) -> Estimate:
     """MMD two-sample test of the aggregate posterior q(z) against the prior p(z) (all dimensions jointly).
 
     z ~ q(z) by ancestral sampling (``samples_per_point`` draws of q(z|x_n) per datapoint), against
@@ -306,26 +321,29 @@ def mmd_aggregate_vs_prior(table: EncodedTable, *, prior_samples: int | None = N
 
     Parameters
     ----------
-    table : EncodedTable
+    model_or_table, data
+        As in :func:`ks_test`.
     prior_samples : int, optional
         Draws of p(z); default the number of q samples (N * samples_per_point).
     samples_per_point : int
         Samples of q(z|x_n) per datapoint (more than 1 gives correlated samples, which the test treats as
         independent).
-    **mmd_kwargs
-        Passed to :func:`mmd_test` (``bandwidth``, ``permutations``, ``estimator``, ``chunk_size``,
-        ``median_subsample``, ``dtype``, ``seed``). ``seed`` also seeds the samples of q(z) and p(z).
+    bandwidth, permutations, estimator, chunk_size, median_subsample, dtype
+        As in :func:`mmd_test`.
+    seed : int or None
+        Seeds the samples of q(z), the draws of p(z) and the test (independent streams); None: fresh each call.
+    batch_size, kl_samples, device, progress
+        Encoder options with a model (:func:`latentdiag.encode`); omitted with a table.
     """
-    _check_table(table)
+    seed = check_seed("seed", seed, allow_none=True)
+    table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
+                     progress=progress, seed=seed)
     samples_per_point = check_int("samples_per_point", samples_per_point)
-    for bad in ("x", "y"):
-        if bad in mmd_kwargs:
-            raise TypeError(f"mmd_aggregate_vs_prior draws x and y itself; got an argument {bad!r}.")
-    seed = _check_seed(mmd_kwargs.pop("seed", 0))
-    z, _, _ = table.sample(samples_per_point, seed=_stream_seed(seed, _STREAM_Q))
+    z, _, _ = table.sample(samples_per_point, seed=stream_seed(seed, _STREAM_Q))
     count = z.shape[0] if prior_samples is None else check_int("prior_samples", prior_samples, minimum=2)
     zp = _draw_prior(table.prior, count, seed, table.latent_dim)
-    res = mmd_test(z, zp, seed=seed, **mmd_kwargs)
+    res = mmd_test(z, zp, bandwidth=bandwidth, permutations=permutations, estimator=estimator, chunk_size=chunk_size,
+                   median_subsample=median_subsample, dtype=dtype, seed=seed)
     notes = list(res.notes)
     if samples_per_point > 1:
         notes.append(_correlated_samples_note(samples_per_point))
@@ -515,47 +533,11 @@ def _check_bandwidth(bandwidth: Any) -> list[float] | None:
                     f"{type(bandwidth).__name__} {bandwidth!r}.")
 
 
-def _check_level(name: str, value: Any) -> float:
-    value = check_positive_float(name, value)
-    if not value < 1:
-        raise ValueError(f"{name} must be in (0, 1); got {value}.")
-    return value
-
-
-def _check_seed(seed: Any) -> int | None:
-    from latentdiag._validation import check_seed
-
-    return check_seed("seed", seed, allow_none=True)
-
-
-def _check_table(table: Any) -> None:
-    if not isinstance(table, EncodedTable):
-        raise TypeError(f"table must be an EncodedTable (from latentdiag.estimators.encoded.encode(model, data)); "
-                        f"got {type(table).__name__}.")
-
-
-def _stream_seed(seed: int | None, stream: int) -> int:
-    """An independent seed per use of the user's ``seed`` (q samples, prior draws, ...): same seed, same numbers,
-    but never the same random stream twice (prior draws that replay the q samples' noise would be correlated)."""
-    if seed is None:
-        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] % 2 ** 62)
-    state = np.random.SeedSequence([mix_seed(seed), stream]).generate_state(1, np.uint64)[0]
-    return int(state % 2 ** 62)
-
-
-def _rng(seed: int | None, stream: int) -> np.random.Generator:
-    return np.random.default_rng(_stream_seed(seed, stream))
-
-
 def _draw_prior(prior: Distribution, count: int, seed: int | None, latent_dim: int) -> torch.Tensor:
     """``count`` draws of p(z) as float64 CPU (count, D), from a seeded fork of torch's RNG (caller's untouched)."""
     batch = int(np.prod(tuple(prior.batch_shape), dtype=np.int64))
-    devices: list[int] = []
     device, _ = prior_device_dtype(prior)
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(mix_seed(_stream_seed(seed, _STREAM_PRIOR)))
+    with seeded(seed, _STREAM_PRIOR, device):
         draws = prior.sample((math.ceil(count / batch),))
     draws = draws.reshape(-1, latent_dim)[:count]
     return draws.detach().to("cpu", torch.float64)

@@ -22,12 +22,32 @@ from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
 from latentdiag.report.check import Gate
 from latentdiag.results import Estimate
 
-__all__ = ["Report", "Metric", "Gate", "METRICS", "register_metric", "run_report", "resolve_metrics", "provenance",
-           "declared_gates"]
+__all__ = ["Report", "Metric", "MetricContext", "Gate", "METRICS", "metric", "register_metric", "run_report",
+           "resolve_metrics", "provenance", "declared_gates"]
 
 
 @dataclass
-class _Context:
+class MetricContext:
+    """What a metric's ``run(ctx)`` receives: the model and data under evaluation and the report's options.
+
+    Attributes
+    ----------
+    model, data
+        The model (the :class:`~latentdiag.LatentVariableModel` protocol) and the data being evaluated.
+    seed : int
+        The report's seed; estimators called with it draw from their own streams (:mod:`latentdiag._random`).
+    device, progress
+        Passed on to the estimators.
+    iw_samples : int
+        K of the importance-weighted bound.
+    max_pairs : int or None
+        Bound on the quadratic kernels' pairs (``--max-pairs``), or None.
+    artifacts : dict
+        Result objects a metric leaves for the figures (not serialised), by name.
+
+    :meth:`table` encodes the data once and shares the table between the metrics of one report.
+    """
+
     model: Any
     data: Any
     seed: int
@@ -35,19 +55,25 @@ class _Context:
     progress: bool
     iw_samples: int
     max_pairs: int | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def common(self) -> dict[str, Any]:
+        """``seed``, ``device`` and ``progress``: the keyword arguments every per-datapoint estimator takes."""
         return {"seed": self.seed, "device": self.device, "progress": self.progress}
 
-    def table(self):
+    def table(self) -> Any:
+        """The :class:`~latentdiag.estimators.EncodedTable` of the data (encoded on first use, then shared)."""
         if "table" not in self.cache:
             from latentdiag.estimators import encode
 
             self.cache["table"] = encode(self.model, self.data, **self.common)
         return self.cache["table"]
+
+
+_Context = MetricContext  # the name before issue 18
+MetricRun = Callable[[MetricContext], tuple[list[Estimate], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -62,7 +88,7 @@ class Metric:
 
     name: str
     description: str
-    run: Callable[[_Context], tuple[list[Estimate], dict[str, Any]]]
+    run: MetricRun
     needs: tuple[str, ...] = ()
     default: bool = True
     gates: Mapping[str, Gate] = field(default_factory=dict)
@@ -80,26 +106,64 @@ class Metric:
                 raise TypeError(f"Metric {self.name!r}: gates[{ref!r}] must be a Gate; got {type(gate).__name__}.")
 
 
+METRICS: dict[str, Metric] = {}
+"""The report's metrics by name, in report order: each is declared with :func:`metric` at its definition."""
+
+
+def register_metric(metric: Metric) -> None:
+    """Add a metric to the report (estimator modules that land later register theirs here)."""
+    if not isinstance(metric, Metric):
+        raise TypeError(f"metric must be a Metric; got {type(metric).__name__}.")
+    METRICS[metric.name] = metric
+
+
+def metric(name: str, description: str, *, gates: Mapping[str, Gate] | None = None, needs: tuple[str, ...] = (),
+           default: bool = True) -> Callable[[MetricRun], MetricRun]:
+    """Declare a report metric where it is defined: ``@metric(name, description, gates={...})`` above its run
+    function registers ``Metric(name, description, run, ...)`` (in definition order, the report's order), so each
+    number's unit and harmful direction (its :class:`Gate`) sit next to the code that computes it."""
+    def register(run: MetricRun) -> MetricRun:
+        register_metric(Metric(name, description, run, needs=needs, default=default, gates=dict(gates or {})))
+        return run
+    return register
+
+
+_NATS_NLL = "a worse bound on log p(x)"
+_BITS = "bits/dim"
+
+@metric("rate", "E KL(q(z|x) || p(z))", gates={
+    "rate": Gate("down", "nats", default=True, why="the rate falling towards 0 is posterior collapse")})
 def _rate(ctx):
     from latentdiag.estimators import rate
     return [rate(ctx.model, ctx.data, **ctx.common)], {}
 
 
+@metric("distortion", "-E E_q log p(x|z)", gates={
+    "distortion": Gate("up", "nats", why="worse reconstructions"),
+    "distortion.bits_per_dim": Gate("up", _BITS, why="worse reconstructions")})
 def _distortion(ctx):
     from latentdiag.estimators import distortion
     return [distortion(ctx.model, ctx.data, **ctx.common)], {}
 
 
+@metric("elbo", "ELBO = -(distortion + rate)", gates={
+    "elbo": Gate("down", "nats", default=True, why=f"-ELBO rising: {_NATS_NLL}"),
+    "elbo.negative_elbo_bits_per_dim": Gate("up", _BITS, default=True, why=f"-ELBO rising: {_NATS_NLL}")})
 def _elbo(ctx):
     from latentdiag.estimators import elbo
     return [elbo(ctx.model, ctx.data, **ctx.common)], {}
 
 
+@metric("iw_nll", "importance-weighted NLL bound with --iw-samples", gates={
+    "iw_nll": Gate("up", "nats", default=True, why=_NATS_NLL),
+    "iw_nll.bits_per_dim": Gate("up", _BITS, default=True, why=_NATS_NLL),
+    "iw_nll.perplexity": Gate("up", "", why=_NATS_NLL)})
 def _iw_nll(ctx):
     from latentdiag.estimators import iw_nll
     return [iw_nll(ctx.model, ctx.data, k=ctx.iw_samples, **ctx.common)], {}
 
 
+@metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)")
 def _iw_curve(ctx):
     """IW-NLL against K on (at most) the first 200 datapoints: how far the bound still moves with K."""
     from latentdiag._batching import iter_batches
@@ -113,6 +177,20 @@ def _iw_curve(ctx):
                              "n": int(x.shape[0]), "unit": curve[-1].unit}}
 
 
+@metric("aggregate", "the rate split: index-code MI and marginal KL as brackets (lower and upper ends), total "
+       "correlation, dimension-wise KL, and their convergence in N", gates={
+    "mutual_information": Gate("down", "nats", default=True,
+                               why="the code tells less about the input (lower end of the MI bracket)"),
+    "mutual_information_upper": Gate("down", "nats", default=True,
+                                     why="the code tells less about the input (upper end of the MI bracket)"),
+    "marginal_kl": Gate("up", "nats", default=True,
+                        why="the aggregate posterior drifts from the prior: prior samples land where the "
+                            "decoder never saw codes (upper end of the marginal-KL bracket)"),
+    "marginal_kl_lower": Gate("up", "nats", default=True,
+                              why="the aggregate posterior drifts from the prior (lower end of the "
+                                  "marginal-KL bracket)"),
+    "total_correlation": Gate("up", "nats", why="more dependence between latent dimensions"),
+    "dimwise_kl": Gate("up", "nats", why="per-dimension marginals drift from the prior")})
 def _aggregate(ctx):
     from latentdiag.estimators import aggregate_posterior
 
@@ -132,6 +210,10 @@ def _aggregate(ctx):
     return [r for r in found if r is not None], plots
 
 
+@metric("active_units", "active units and per-dimension KL", gates={
+    "active_units": Gate("down", "dimensions", tolerance=1.0, default=True,
+                         why="fewer latent dimensions in use; a count without standard error: a unit whose "
+                             "activity sits at the threshold may flip, so one unit is tolerated")})
 def _active_units(ctx):
     from latentdiag.adapters.protocol import UnsupportedModelError
     from latentdiag.estimators import active_units, per_dimension_kl
@@ -148,11 +230,25 @@ def _active_units(ctx):
     return out, plots
 
 
+@metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", gates={
+    "ks_test": Gate("up", "dimensions", tolerance=1.0,
+                    why="more dimensions whose marginal q(z_d) the test tells from p(z_d); a count without "
+                        "standard error: one dimension is tolerated"),
+    "ks_test.max_statistic": Gate("up", "", why="the largest per-dimension distance between q(z_d) and p(z_d) "
+                                                "grows (bootstrap standard error)"),
+    "ks_test.min_pvalue_bh": Gate("none", "", why="a p-value is not an effect size: compare "
+                                                  "ks_test.max_statistic")})
 def _ks(ctx):
     from latentdiag.estimators import ks_test
     return [ks_test(ctx.table(), seed=ctx.seed)], {}
 
 
+@metric("mmd", "MMD two-sample test of q(z) against p(z)", gates={
+    "mmd2_aggregate_vs_prior": Gate("up", "squared kernel distance",
+                                    why="q(z) moves away from p(z) (first-order U-statistic standard error; "
+                                        "the bandwidth follows the data, so compare like with like)"),
+    "mmd2_aggregate_vs_prior.pvalue": Gate("none", "", why="a p-value is not an effect size: compare "
+                                                           "mmd2_aggregate_vs_prior")})
 def _mmd(ctx):
     """MMD of q(z) against p(z); with ``max_pairs`` a seeded subset of n datapoints with n^2 <= max_pairs (the
     test's kernel matrices are quadratic in the samples), flagged ``subsampled``."""
@@ -164,10 +260,10 @@ def _mmd(ctx):
         return [mmd_aggregate_vs_prior(table, seed=ctx.seed)], {}
     import math
 
-    from latentdiag._runtime import mix_seed
+    from latentdiag._random import torch_generator
 
     n = max(math.isqrt(ctx.max_pairs), 2)
-    gen = torch.Generator().manual_seed(mix_seed(ctx.seed) ^ 0x3D3D_5AB5)
+    gen = torch_generator(ctx.seed, "report.mmd_subsample")
     est = mmd_aggregate_vs_prior(table.subset(torch.sort(torch.randperm(n_all, generator=gen)[:n]).values),
                                  seed=ctx.seed)
     note = (f"subsampled: the test ran on a seeded random subset of n = {n:,} of the N = {n_all:,} datapoints "
@@ -177,6 +273,7 @@ def _mmd(ctx):
                                 extra={**est.extra, "n_total": float(n_all)})], {}
 
 
+@metric("histograms", "aggregate-posterior histograms against the prior (plot)")
 def _histograms(ctx):
     """Samples of the aggregate posterior for the most active dimensions, and the prior's density, for plots."""
     from latentdiag.estimators.pairwise import marginal_log_prob
@@ -193,25 +290,10 @@ def _histograms(ctx):
                                "prior_density": None if log_p is None else log_p[:, top].exp().T.tolist()}}
 
 
-def _decoding(ctx):
-    """Prior-vs-posterior decoding divergence; the result object goes to the figures, its profiles to JSON."""
-    from latentdiag.estimators import decoding_divergence
-
-    res = decoding_divergence(ctx.model, ctx.data, seed=ctx.seed, device=ctx.device, progress=ctx.progress)
-    rel = {k: {"mean": v.mean.tolist(), "stderr": v.stderr.tolist()} for k, v in res.by_relative_position.items()}
-    plots = {"decoding": {"positions": list(res.positions), "bin_edges": res.bin_edges.tolist(),
-                          "by_relative_position": rel}}
-    ctx.artifacts["decoding"] = res
-    return [res.js, res.accuracy_drop, res.mode_shift], plots
-
-
-def _text_samples(ctx):
-    """A few test sentences next to their greedy decodings from posterior and prior codes (text a person reads)."""
-    from latentdiag.estimators import decoded_examples
-
-    return [], {"text_samples": decoded_examples(ctx.model, ctx.data, seed=ctx.seed)}
-
-
+@metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum", gates={
+           "intrinsic_dimension": Gate("down", "dimensions", tolerance=1.0,
+                                       why="the posterior means span fewer directions; an integer summary: "
+                                           "one dimension is tolerated on top of its bootstrap spread")})
 def _intrinsic_dimension(ctx):
     from latentdiag.estimators import extract_representations, intrinsic_dimension
 
@@ -226,11 +308,16 @@ def _intrinsic_dimension(ctx):
     return [est], {"eigenvalues": res.eigenvalues.tolist(), "eigen_cutoff": res.cutoff}
 
 
+@metric("conditional_entropy", "E_x H(q(z|x))", gates={
+    "conditional_entropy": Gate("both", "nats", why="no harmful side of its own (wider posteriors, or "
+                                                    "sharper ones that overfit): read it with the rate")})
 def _conditional_entropy(ctx):
     from latentdiag.estimators import conditional_entropy
     return [conditional_entropy(ctx.table())], {}
 
 
+@metric("linear_probe", "linear SVM probe on posterior means (needs labels)", gates={
+    "linear_probe": Gate("down", "accuracy", why="the code separates the classes less well")})
 def _linear_probe(ctx):
     """Linear probe on the posterior means, trained on a seeded, class-stratified half of the evaluated data and
     tested on the other half (the report sees one data set)."""
@@ -254,7 +341,10 @@ def _linear_probe(ctx):
             f"every class; {len(classes)} classes in {table.n} datapoints, too few in {few[:200]} (evaluate more "
             "data, e.g. a larger --limit)")
     try:
-        train, test = train_test_split(np.arange(table.n), test_size=0.5, random_state=ctx.seed, stratify=labels)
+        from latentdiag._random import child_seed
+
+        train, test = train_test_split(np.arange(table.n), test_size=0.5, stratify=labels,
+                                       random_state=child_seed(ctx.seed, "report.linear_probe_halves"))
     except ValueError as err:  # e.g. fewer datapoints in a half than classes
         raise InsufficientDataError(f"the linear probe cannot split {table.n} datapoints of {len(classes)} classes "
                                     f"into class-stratified halves: {err}") from err
@@ -264,6 +354,10 @@ def _linear_probe(ctx):
     return [dataclasses.replace(est, notes=(*est.notes, half))], {}
 
 
+@metric("mixed_membership", "Pyro mixed-membership model of q(z) and the prior: marginal-KL lower bound "
+       "(slow: about half a minute)", default=False, gates={
+           "marginal_kl_mixed_membership": Gate("up", "nats", why="the aggregate posterior drifts from the "
+                                                                  "prior")})
 def _mixed_membership(ctx):
     """Mixed-membership fit of this model's q(z) and its prior: a held-out lower bound on the marginal KL."""
     from latentdiag.studies.compare import compare_aggregate_posteriors
@@ -279,86 +373,31 @@ def _mixed_membership(ctx):
     return [est], {"mixed_membership_weights": mm.to_frame().reset_index().to_dict(orient="list")}
 
 
-_NATS_NLL = "a worse bound on log p(x)"
-_BITS = "bits/dim"
+@metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
+        needs=("decoder_logits",), gates={
+           "decoding_js": Gate("down", "nats", why="the decoder's output depends less on the code (towards a "
+                                                   "decoder that ignores z)"),
+           "decoding_accuracy_drop": Gate("down", "fraction", why="the code helps the decoder less"),
+           "decoding_mode_shift": Gate("down", "fraction", why="the code changes the decoder's argmax less")})
+def _decoding(ctx):
+    """Prior-vs-posterior decoding divergence; the result object goes to the figures, its profiles to JSON."""
+    from latentdiag.estimators import decoding_divergence
 
-METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("rate", "E KL(q(z|x) || p(z))", _rate, gates={
-        "rate": Gate("down", "nats", default=True, why="the rate falling towards 0 is posterior collapse")}),
-    Metric("distortion", "-E E_q log p(x|z)", _distortion, gates={
-        "distortion": Gate("up", "nats", why="worse reconstructions"),
-        "distortion.bits_per_dim": Gate("up", _BITS, why="worse reconstructions")}),
-    Metric("elbo", "ELBO = -(distortion + rate)", _elbo, gates={
-        "elbo": Gate("down", "nats", default=True, why=f"-ELBO rising: {_NATS_NLL}"),
-        "elbo.negative_elbo_bits_per_dim": Gate("up", _BITS, default=True, why=f"-ELBO rising: {_NATS_NLL}")}),
-    Metric("iw_nll", "importance-weighted NLL bound with --iw-samples", _iw_nll, gates={
-        "iw_nll": Gate("up", "nats", default=True, why=_NATS_NLL),
-        "iw_nll.bits_per_dim": Gate("up", _BITS, default=True, why=_NATS_NLL),
-        "iw_nll.perplexity": Gate("up", "", why=_NATS_NLL)}),
-    Metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)", _iw_curve),
-    Metric("aggregate", "the rate split: index-code MI and marginal KL as brackets (lower and upper ends), total "
-           "correlation, dimension-wise KL, and their convergence in N", _aggregate, gates={
-        "mutual_information": Gate("down", "nats", default=True,
-                                   why="the code tells less about the input (lower end of the MI bracket)"),
-        "mutual_information_upper": Gate("down", "nats", default=True,
-                                         why="the code tells less about the input (upper end of the MI bracket)"),
-        "marginal_kl": Gate("up", "nats", default=True,
-                            why="the aggregate posterior drifts from the prior: prior samples land where the "
-                                "decoder never saw codes (upper end of the marginal-KL bracket)"),
-        "marginal_kl_lower": Gate("up", "nats", default=True,
-                                  why="the aggregate posterior drifts from the prior (lower end of the "
-                                      "marginal-KL bracket)"),
-        "total_correlation": Gate("up", "nats", why="more dependence between latent dimensions"),
-        "dimwise_kl": Gate("up", "nats", why="per-dimension marginals drift from the prior")}),
-    Metric("active_units", "active units and per-dimension KL", _active_units, gates={
-        "active_units": Gate("down", "dimensions", tolerance=1.0, default=True,
-                             why="fewer latent dimensions in use; a count without standard error: a unit whose "
-                                 "activity sits at the threshold may flip, so one unit is tolerated")}),
-    Metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", _ks, gates={
-        "ks_test": Gate("up", "dimensions", tolerance=1.0,
-                        why="more dimensions whose marginal q(z_d) the test tells from p(z_d); a count without "
-                            "standard error: one dimension is tolerated"),
-        "ks_test.max_statistic": Gate("up", "", why="the largest per-dimension distance between q(z_d) and p(z_d) "
-                                                    "grows (bootstrap standard error)"),
-        "ks_test.min_pvalue_bh": Gate("none", "", why="a p-value is not an effect size: compare "
-                                                      "ks_test.max_statistic")}),
-    Metric("mmd", "MMD two-sample test of q(z) against p(z)", _mmd, gates={
-        "mmd2_aggregate_vs_prior": Gate("up", "squared kernel distance",
-                                        why="q(z) moves away from p(z) (first-order U-statistic standard error; "
-                                            "the bandwidth follows the data, so compare like with like)"),
-        "mmd2_aggregate_vs_prior.pvalue": Gate("none", "", why="a p-value is not an effect size: compare "
-                                                               "mmd2_aggregate_vs_prior")}),
-    Metric("histograms", "aggregate-posterior histograms against the prior (plot)", _histograms),
-    Metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum",
-           _intrinsic_dimension, gates={
-               "intrinsic_dimension": Gate("down", "dimensions", tolerance=1.0,
-                                           why="the posterior means span fewer directions; an integer summary: "
-                                               "one dimension is tolerated on top of its bootstrap spread")}),
-    Metric("conditional_entropy", "E_x H(q(z|x))", _conditional_entropy, gates={
-        "conditional_entropy": Gate("both", "nats", why="no harmful side of its own (wider posteriors, or "
-                                                        "sharper ones that overfit): read it with the rate")}),
-    Metric("linear_probe", "linear SVM probe on posterior means (needs labels)", _linear_probe, gates={
-        "linear_probe": Gate("down", "accuracy", why="the code separates the classes less well")}),
-    Metric("mixed_membership", "Pyro mixed-membership model of q(z) and the prior: marginal-KL lower bound "
-           "(slow: about half a minute)", _mixed_membership, default=False, gates={
-               "marginal_kl_mixed_membership": Gate("up", "nats", why="the aggregate posterior drifts from the "
-                                                                      "prior")}),
-    Metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
-           _decoding, needs=("decoder_logits",), gates={
-               "decoding_js": Gate("down", "nats", why="the decoder's output depends less on the code (towards a "
-                                                       "decoder that ignores z)"),
-               "decoding_accuracy_drop": Gate("down", "fraction", why="the code helps the decoder less"),
-               "decoding_mode_shift": Gate("down", "fraction", why="the code changes the decoder's argmax less")}),
-    Metric("text_samples", "text models: test sentences and their greedy decodings from posterior and prior codes",
-           _text_samples, needs=("generate",)),
-]}
+    res = decoding_divergence(ctx.model, ctx.data, seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+    rel = {k: {"mean": v.mean.tolist(), "stderr": v.stderr.tolist()} for k, v in res.by_relative_position.items()}
+    plots = {"decoding": {"positions": list(res.positions), "bin_edges": res.bin_edges.tolist(),
+                          "by_relative_position": rel}}
+    ctx.artifacts["decoding"] = res
+    return [res.js, res.accuracy_drop, res.mode_shift], plots
 
 
-def register_metric(metric: Metric) -> None:
-    """Add a metric to the report (estimator modules that land later register theirs here)."""
-    if not isinstance(metric, Metric):
-        raise TypeError(f"metric must be a Metric; got {type(metric).__name__}.")
-    METRICS[metric.name] = metric
+@metric("text_samples", "text models: test sentences and their greedy decodings from posterior and prior codes",
+        needs=("generate",))
+def _text_samples(ctx):
+    """A few test sentences next to their greedy decodings from posterior and prior codes (text a person reads)."""
+    from latentdiag.estimators import decoded_examples
+
+    return [], {"text_samples": decoded_examples(ctx.model, ctx.data, seed=ctx.seed)}
 
 
 def _default_metrics() -> list[str]:
@@ -465,7 +504,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     seed, iw_samples = check_seed("seed", seed), check_int("iw_samples", iw_samples)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs, minimum=4)
-    ctx = _Context(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
+    ctx = MetricContext(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
                    iw_samples=iw_samples, max_pairs=max_pairs)
     results: list[Estimate] = []
     skipped: dict[str, str] = {}

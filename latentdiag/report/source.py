@@ -3,13 +3,13 @@ model folder."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from latentdiag._hashing import sha256_file, sha256_folder
 from latentdiag.adapters.loading import load_checkpoint, load_factory
 
 __all__ = ["LoadedModel", "StateDictKeyError", "factory_takes_path", "load_model", "select_state", "sha256_file",
@@ -35,25 +35,6 @@ class LoadedModel:
     def provenance(self) -> dict[str, Any]:
         return {"checkpoint": self.path, "checkpoint_sha256": self.sha256, "model_source": self.kind,
                 "model_config": self.config, "trained_on": self.data, "checkpoint_integrity": self.integrity}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_folder(path: str | os.PathLike) -> str:
-    """SHA-256 of a folder's files (not its subfolders): of the lines ``name NUL sha256(file)`` in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            digest.update(f"{name}\0{sha256_file(full)}\n".encode())
-    return digest.hexdigest()
 
 
 def select_state(state: Any, *, state_dict_key: str | None = None, strip_prefix: str | None = None) -> Any:

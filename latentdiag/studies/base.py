@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentdiag.results import json_safe
+
 __all__ = ["ModelRun", "Measure", "Summary", "Trend", "Study", "summarise", "trend_monotone", "trend_less"]
 
 
@@ -41,7 +43,7 @@ class Measure:
     unit: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"value": _plain(self.value), "stderr": _plain(self.stderr), "unit": self.unit}
+        return {"value": json_safe(float(self.value)), "stderr": json_safe(float(self.stderr)), "unit": self.unit}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Measure":
@@ -69,8 +71,8 @@ class Summary:
         return self.stderr
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": _plain(self.mean), "sd": _plain(self.sd), "stderr": _plain(self.stderr),
-                "seeds": self.seeds, "unit": self.unit}
+        return {"mean": json_safe(float(self.mean)), "sd": json_safe(float(self.sd)),
+                "stderr": json_safe(float(self.stderr)), "seeds": self.seeds, "unit": self.unit}
 
     def text(self, digits: int = 2) -> str:
         if not math.isfinite(self.mean):
@@ -195,8 +197,3 @@ class Study:
     def figures(self, result: Mapping[str, Any]) -> dict[str, Any]:
         """Matplotlib figures by title, from the study.json document."""
         return {}
-
-
-def _plain(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from latentdiag._random import torch_generator
 from latentdiag.studies._measures import likelihood_measures, representation_measures, xy
 from latentdiag.studies.base import Measure, ModelRun, Study, Summary, Trend, trend_less
 
@@ -33,7 +34,7 @@ def sample_from_code(model: Any, z: torch.Tensor, shape: Sequence[int], *, seed:
     order and sampling position t from the logits given the canvas so far is exact ancestral sampling. Cost:
     one decoder pass per position (784 for MNIST), so keep the batch small.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed, "lossy_code.ancestral_sample")
     x = torch.zeros((z.shape[0], *shape), dtype=torch.long)
     flat = x.view(z.shape[0], -1)
     for t in range(flat.shape[1]):
@@ -164,6 +165,6 @@ class LossyCode(Study):
 def _posterior_draw(model: Any, x: torch.Tensor, seed: int) -> torch.Tensor:
     """One z ~ q(z|x) per input, from a seeded generator."""
     q = model.encode(x)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed, "lossy_code.posterior_draw")
     eps = torch.randn(q.mean.shape, generator=gen, dtype=q.mean.dtype)
     return q.mean + q.stddev * eps

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from latentdiag._distributions import kl_divergence
+from latentdiag._random import seeded, torch_generator
 from latentdiag._runtime import resolve_device
 from latentdiag._validation import check_int, check_positive_float
 
@@ -26,12 +27,18 @@ def train_elbo(model: torch.nn.Module, x: torch.Tensor, *, epochs: int = 10, lr:
         raise ValueError(f"x must be a non-empty tensor (N, ...); got {getattr(x, 'shape', type(x).__name__)}.")
     run_device = resolve_device("auto" if device is None else device)
     model.to(run_device)
-    torch.manual_seed(seed)
-    order = torch.Generator().manual_seed(seed)
+    order = torch_generator(seed, "train_elbo.data_order")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history: list[float] = []
     from tqdm.auto import tqdm
 
+    with seeded(seed, "train_elbo.noise", run_device):
+        _fit(model, x, opt, order, epochs, batch_size, run_device, history, progress, tqdm)
+    model.eval()
+    return history
+
+
+def _fit(model, x, opt, order, epochs, batch_size, run_device, history, progress, tqdm) -> None:
     model.train()
     for _ in tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False):
         total = 0.0
@@ -46,5 +53,3 @@ def train_elbo(model: torch.nn.Module, x: torch.Tensor, *, epochs: int = 10, lr:
             opt.step()
             total += float(loss.detach()) * xb.shape[0]
         history.append(total / x.shape[0])
-    model.eval()
-    return history

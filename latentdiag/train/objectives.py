@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from latentdiag._validation import check_choice, check_int, check_positive_float
+from latentdiag._validation import check_choice, check_fraction, check_int, check_positive_float
 
 __all__ = ["OBJECTIVES", "BatchTerms", "Objective", "ObjectiveOutput", "Sync", "ELBO", "BetaVAE", "FreeBits",
            "FreeBitsTotal",
@@ -251,9 +251,7 @@ def cyclical_schedule(step: int, period: int, ratio: float = 0.5, start: float =
     """Cyclical annealing (Fu et al., 2019): with tau = (step mod period) / period, beta = start + (end - start)
     min(1, tau / ratio): a linear rise over the first ``ratio`` of every period, then ``end``."""
     period = check_int("period", period)
-    ratio = check_positive_float("ratio", ratio)
-    if ratio > 1:
-        raise ValueError(f"ratio must be in (0, 1]; got {ratio}.")
+    ratio = check_fraction("ratio", ratio, include_one=True)
     tau = (max(step, 0) % period) / period
     return start + (end - start) * min(1.0, tau / ratio)
 
@@ -267,9 +265,7 @@ class KLAnnealing(Objective):
                  end: float = 1.0):
         self.schedule = check_choice("schedule", schedule, ("linear", "cyclical"))
         self.steps = check_int("steps", steps)
-        self.ratio = check_positive_float("ratio", ratio)
-        if self.ratio > 1:
-            raise ValueError(f"ratio must be in (0, 1]; got {ratio}.")
+        self.ratio = check_fraction("ratio", ratio, include_one=True)
         if not (isinstance(start, (int, float)) and isinstance(end, (int, float))) or start < 0 or end <= 0:
             raise ValueError(f"start must be >= 0 and end > 0; got start={start!r}, end={end!r}.")
         self.start, self.end = float(start), float(end)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiag._distributions import analytic_kl, diagonal_marginals, is_diagonal_normal, kl_divergence
-from latentdiag._runtime import evaluation, mix_seed, resolve_device
+from latentdiag._random import child_seed, stream_seed
+from latentdiag._runtime import evaluation, resolve_device
 from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.train.objectives import BatchTerms, Objective, Sync, objective_from_config
 
@@ -229,7 +230,7 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
     out["test_bpd"], out["test_bpd_stderr"], out["test_bpd_bound"] = (out["test_neg_elbo_bpd"],
                                                                       out["test_neg_elbo_bpd_stderr"], "-ELBO")
     if iw_samples:
-        nll = iw_nll(model, x, k=iw_samples, batch_size=batch_size, seed=seed + 2)
+        nll = iw_nll(model, x, k=iw_samples, batch_size=batch_size, seed=child_seed(seed, "monitor.iw_nll"))
         out["test_iw_nll"], out["test_iw_nll_stderr"] = nll.value, nll.stderr
         out["test_bpd"], out["test_bpd_stderr"] = _bits_per_dim(model, x, nll.per_datapoint, nll.extra, "")
         out["test_bpd_bound"] = f"IW k={iw_samples}"
@@ -237,9 +238,10 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
             out["test_perplexity"] = nll.extra["perplexity"]
     if mutual_information:
         try:
-            table = encode(model, x, batch_size=batch_size, seed=seed + 3)
+            table = encode(model, x, batch_size=batch_size, seed=child_seed(seed, "monitor.encode"))
             with torch.no_grad():  # a learned prior's log_prob would otherwise carry gradients
-                agg = aggregate_posterior(table, decompose=False, convergence=False, seed=seed + 4)
+                agg = aggregate_posterior(table, decompose=False, convergence=False,
+                                          seed=child_seed(seed, "monitor.aggregate"))
         except NotImplementedError as err:  # a prior the aggregate-posterior estimator cannot evaluate
             out.update({"test_mi": math.nan, "test_mi_stderr": math.nan, "test_mi_saturated": False,
                         "test_log_n": math.log(n),
@@ -385,7 +387,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
         run_device = resolve_device(device)
     if isinstance(model, Mapping):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(seed))
+            torch.manual_seed(stream_seed(seed, "train.init"))
             model = build_model(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a configuration mapping; got {type(model).__name__}.")
@@ -415,8 +417,8 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
         history = [dict(h) for h in state["history"]]
         start_epoch, step = int(state["epoch"]), int(state["step"])
     else:
-        data_gen.manual_seed(mix_seed(seed))
-        noise_gen.manual_seed(mix_seed(seed + 1))
+        data_gen.manual_seed(stream_seed(seed, "train.data_order"))
+        noise_gen.manual_seed(stream_seed(seed, "train.noise"))
     settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "augment": augment, "objective": obj.config(),
                 "amp": use_amp, "amp_dtype": amp_dtype if use_amp else None, "device": str(run_device),
                 "world_size": world, "epochs": epochs, "iw_samples": iw_samples,
@@ -438,7 +440,7 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
         if state is not None:
             torch.set_rng_state(state["rng"]["torch"])
         else:
-            torch.manual_seed(mix_seed(seed + 2))
+            torch.manual_seed(stream_seed(seed, "train.torch_global"))
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             record, step = _epoch(step_module, model, obj, opt, scaler, x_train, batch_size, augment, data_gen,
