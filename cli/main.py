@@ -509,7 +509,8 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
                                     baseline=baseline, config=config, compare=compare, tolerances=tol, z=z,
                                     nofail=nofail)
         except gate.CheckUsageError as err:  # a file, rule or name it cannot use, or a baseline it refuses
-            raise click.UsageError(f"--report/--baseline: {err.detail}" if err.prefixed else str(err)) from err
+            option = {"config": "--config"}.get(err.argument or "", "--report/--baseline")
+            raise click.UsageError(f"{option}: {err.detail}" if err.prefixed else str(err)) from err
         if fmt == "json":
             click.echo(result.to_json())
         elif result.outcomes:
