@@ -30,7 +30,10 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError, UnsupportedModelError
 from latentdiag.errors import ExitCode, LatentdiagError, OutputLocationError, UserCodeExit
+from latentdiag.estimators import NonFiniteEstimateError
+from latentdiag.report.source import StateDictKeyError
 
 __all__ = ["CommandError", "run_command", "user_code", "writing", "signals_received"]
 
@@ -110,15 +113,14 @@ def writing(option: str, path: object) -> Iterator[None]:
 
 
 def _known(err: BaseException) -> tuple[int, str] | None:
-    """Exit code and message of the library errors that do not subclass LatentdiagError."""
-    mro = {cls.__name__ for cls in type(err).__mro__}
-    if "BaselineMismatchError" in mro:
-        return ExitCode.USAGE, str(err)
-    if "NonFiniteEstimateError" in mro:
+    """Exit code and message of the library errors that do not subclass LatentdiagError (matched by class, so a
+    user's class of the same name is not taken for one; ModelProtocolError and BaselineMismatchError are
+    LatentdiagErrors with their own codes)."""
+    if isinstance(err, NonFiniteEstimateError):
         return ExitCode.RUNTIME, f"non-finite metric: {err}"
-    if mro & {"UnsafeCheckpointError"}:
+    if isinstance(err, UnsafeCheckpointError):
         return ExitCode.RUNTIME, f"{err} (nothing was run)"
-    if mro & {"CheckpointReadError", "StateDictKeyError", "ModelProtocolError", "UnsupportedModelError"}:
+    if isinstance(err, (CheckpointReadError, StateDictKeyError, UnsupportedModelError)):
         return ExitCode.RUNTIME, str(err)
     if isinstance(err, OSError):
         return ExitCode.RUNTIME, f"{err.strerror or err}" + (f": {err.filename!r}" if err.filename else "")

@@ -21,12 +21,9 @@ import latentdiag
 from latentdiag.cli._errors import CommandError, run_command, user_code, writing
 from latentdiag.errors import ExitCode, LatentdiagError
 
-EXIT_OK, EXIT_RULE, EXIT_USAGE, EXIT_RUNTIME, EXIT_NOTHING = (
-    ExitCode.OK, ExitCode.RULE_FAILED, ExitCode.USAGE, ExitCode.RUNTIME, ExitCode.NOTHING_EVALUATED)
 FORMATS = ("table", "json", "csv", "md")
 SEED = click.IntRange(0, 2**32 - 1)
 SEED_HELP = "Seed of every estimator, 0 .. 4294967295 (2**32 - 1); the same seed gives the same numbers."
-_Fail = CommandError  # _Fail(code, message): stop a command with an exit code and a message on stderr
 
 
 def _run(fn, verbose: bool = False) -> None:
@@ -37,7 +34,7 @@ def _run(fn, verbose: bool = False) -> None:
 def _output_folder(stack: contextlib.ExitStack, out: str, option: str = "--out") -> Path:
     """Check ``out`` before any work (exit 2 when it cannot be written) and take its lock now when its parent
     exists (exit 3 when another run writes it), held until the command ends."""
-    from latentdiag._io import check_output_folder, folder_lock
+    from latentdiag.output import check_output_folder, folder_lock
 
     path = check_output_folder(out, option)
     if path.parent.is_dir():
@@ -127,7 +124,7 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
     --device and --state-dict-key / --strip-prefix where they do not apply (2). A key or prefix that does not
     match the checkpoint is exit 3 (the message lists the keys found). ``state_dict_key`` / ``strip_prefix``
     default to the command's --state-dict-key / --strip-prefix."""
-    from latentdiag._runtime import resolve_device
+    from latentdiag.devices import resolve_device
     from latentdiag.adapters import CheckpointReadError, UnsafeCheckpointError, load_factory
     from latentdiag.report import load_model
     from latentdiag.report.source import StateDictKeyError, factory_takes_path
@@ -159,9 +156,10 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
         except ValueError as err:
             raise click.UsageError(f"--model: {err}") from err
         except (ImportError, AttributeError, TypeError) as err:
-            raise _Fail(EXIT_RUNTIME, f"--model: {err}") from err
+            raise CommandError(ExitCode.RUNTIME, f"--model: {err}") from err
         except Exception as err:  # the module's own code ran on import: anything can come out
-            raise _Fail(EXIT_RUNTIME, f"--model: importing {spec!r} failed: {type(err).__name__}: {err}") from err
+            raise CommandError(ExitCode.RUNTIME,
+                               f"--model: importing {spec!r} failed: {type(err).__name__}: {err}") from err
         if selecting and factory_takes_path(factory):
             raise click.UsageError(f"{' and '.join(selecting)} {'do' if len(selecting) > 1 else 'does'} not apply: "
                                    "the --model factory's first parameter "
@@ -174,16 +172,17 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
     except LatentdiagError:
         raise
     except FileNotFoundError as err:
-        raise _Fail(EXIT_RUNTIME, str(err)) from err
+        raise CommandError(ExitCode.RUNTIME, str(err)) from err
     except UnsafeCheckpointError as err:
-        raise _Fail(EXIT_RUNTIME, f"{err} (nothing was run)") from err
+        raise CommandError(ExitCode.RUNTIME, f"{err} (nothing was run)") from err
     except StateDictKeyError as err:  # the message names the Python arguments: say the options instead
         message = str(err).replace("state_dict_key", "--state-dict-key").replace("strip_prefix", "--strip-prefix")
-        raise _Fail(EXIT_RUNTIME, message) from err
+        raise CommandError(ExitCode.RUNTIME, message) from err
     except (CheckpointReadError, ImportError, AttributeError) as err:
-        raise _Fail(EXIT_RUNTIME, str(err)) from err
+        raise CommandError(ExitCode.RUNTIME, str(err)) from err
     except Exception as err:  # a user's factory can raise anything: it is a runtime error, never exit 1
-        raise _Fail(EXIT_RUNTIME, f"cannot build the model from {checkpoint!r}: {type(err).__name__}: {err}") from err
+        raise CommandError(ExitCode.RUNTIME,
+                           f"cannot build the model from {checkpoint!r}: {type(err).__name__}: {err}") from err
     if hasattr(loaded.model, "to"):
         try:
             with user_code(f"the model (moving it to {run_device})"):
@@ -191,7 +190,7 @@ def _load(checkpoint: str, factory: str | None, trust: bool, device: str = "cpu"
         except LatentdiagError:
             raise
         except Exception as err:
-            raise _Fail(EXIT_RUNTIME, f"cannot move the model to {run_device}: {err}") from err
+            raise CommandError(ExitCode.RUNTIME, f"cannot move the model to {run_device}: {err}") from err
     return loaded
 
 
@@ -282,9 +281,10 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
     except LatentdiagError:
         raise
     except NonFiniteEstimateError as err:
-        raise _Fail(EXIT_RUNTIME, f"non-finite metric: {err}") from err
+        raise CommandError(ExitCode.RUNTIME, f"non-finite metric: {err}") from err
     except Exception as err:  # the model's own code can raise anything: a runtime error, never exit 1
-        raise _Fail(EXIT_RUNTIME, f"the model failed during evaluation: {type(err).__name__}: {err}") from err
+        raise CommandError(ExitCode.RUNTIME,
+                           f"the model failed during evaluation: {type(err).__name__}: {err}") from err
 
 
 def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
@@ -328,9 +328,9 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
                             progress=_progress(no_progress, quiet), verbose=verbose, command="report")
             if not rep.results:
                 _emit(rep, fmt, None, False, quiet)
-                raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+                raise CommandError(ExitCode.NOTHING_EVALUATED, "nothing was evaluated: every chosen metric was skipped")
             _emit(rep, fmt, None if no_files else out, not no_plots, quiet)
-            return EXIT_OK
+            return ExitCode.OK
     _run(body, verbose)
 
 
@@ -363,7 +363,7 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
                                        device=device, progress=_progress(no_progress, quiet), verbose=verbose,
                                        command="compare") for name, lm in loaded.items()}
             if not any(r.results for r in reports.values()):
-                raise _Fail(EXIT_NOTHING, "nothing was evaluated: every chosen metric was skipped")
+                raise CommandError(ExitCode.NOTHING_EVALUATED, "nothing was evaluated: every chosen metric was skipped")
             try:
                 with user_code("the model (during the mixed-membership comparison)"):
                     result = compare_reports(reports, models={k: v.model for k, v in loaded.items()}, data=data,
@@ -371,7 +371,7 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
             except LatentdiagError:
                 raise
             except Exception as err:
-                raise _Fail(EXIT_RUNTIME, f"the comparison failed: {type(err).__name__}: {err}") from err
+                raise CommandError(ExitCode.RUNTIME, f"the comparison failed: {type(err).__name__}: {err}") from err
             click.echo(render_compare(result, fmt).rstrip("\n"))
             if out is not None:
                 from latentdiag.report.compare import write_compare
@@ -380,7 +380,7 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
                     written = write_compare(result, out)
                 if not quiet:
                     click.echo("wrote " + ", ".join(written), err=True)
-            return EXIT_OK
+            return ExitCode.OK
     _run(body, verbose)
 
 
@@ -406,7 +406,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
          verbose):
     """Train a small VAE on bundled data, save it as a checkpoint, and report on its test split."""
     def body():
-        from latentdiag._io import atomic_write_text, check_output_file, replace_folder
+        from latentdiag.output import atomic_write_text, check_output_file, replace_folder
         from latentdiag.demo import train_demo_model
         from latentdiag.models import save_checkpoint
         from latentdiag.report import render_report_json
@@ -422,7 +422,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
             except (ValueError, TypeError) as err:
                 raise click.UsageError(str(err)) from err
             except (ArithmeticError, RuntimeError) as err:
-                raise _Fail(EXIT_RUNTIME, str(err)) from err
+                raise CommandError(ExitCode.RUNTIME, str(err)) from err
             final = Path(out) / "model.pt"
             with writing("--out", out):
                 stage = stack.enter_context(replace_folder(out))  # model.pt and the report switch in together
@@ -440,7 +440,7 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
             with writing("--json", json_path):
                 atomic_write_text(json_path, render_report_json(rep))
             click.echo(f"wrote {json_path}", err=True)
-        return EXIT_OK
+        return ExitCode.OK
     _run(body, verbose)
 
 
@@ -474,9 +474,7 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
     """Gate CI on a model's health: rules and baseline regressions. Exit 0 ok, 1 a rule failed, 2 usage error,
     3 runtime error (unloadable checkpoint, model error, non-finite metric), 4 nothing evaluated, 130
     interrupted."""
-    import json
-
-    from latentdiag._io import atomic_write_text, check_output_file
+    from latentdiag.output import atomic_write_text, check_output_file
     from latentdiag.report import check as gate
     from latentdiag.report.render import report_document
 
@@ -489,10 +487,7 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
             config = gate.load_pyproject_rules(config_dir)
         except (FileNotFoundError, ValueError, TypeError, ImportError, OSError) as err:
             raise click.UsageError(f"--config: {err}") from err
-        rules = list(fail_if) or list(config.fail_if)
-        base_path = baseline or config.baseline
-        named = list(compare) or list(config.compare)
-        tol = dict(config.tolerances)
+        tol = {}
         for item in tolerances:
             name, sep, value = item.partition("=")
             try:
@@ -501,42 +496,32 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
                 sep = ""
             if not sep:
                 raise click.UsageError(f"--tolerance must be METRIC=NUMBER; got {item!r}.")
-        zz = z if z is not None else (config.z if config.z is not None else gate.DEFAULT_Z)
-        try:
-            parsed = [r if isinstance(r, gate.Rule) else gate.parse_rule(r) for r in rules]
-            base_doc = gate.load_report(base_path) if base_path else None
-            doc = gate.load_report(report_path) if report_path else None
-        except FileNotFoundError as err:
-            raise click.UsageError(f"--report/--baseline: file not found: {err.filename or err}") from err
-        except OSError as err:
-            raise click.UsageError(f"--report/--baseline: cannot read {err.filename or ''}: "
-                                   f"{err.strerror or err}") from err
-        except ValueError as err:
-            raise click.UsageError(str(err)) from err
-        if doc is None:
+
+        def evaluated():  # called by run_check once the rules, the baseline and the report file are read
             loaded = _load(checkpoint, factory, trust_checkpoint, device)
             data, info = _data(loaded, data_spec, data_format, split, limit)
             rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
                             progress=_progress(no_progress, quiet), verbose=verbose, command="check")
-            doc = report_document(rep)
-        outcomes = gate.evaluate_rules(doc, parsed)
-        if base_doc is not None:
-            try:
-                outcomes += gate.compare_to_baseline(doc, base_doc, tolerances=tol, z=zz, compare=named)
-            except ValueError as err:  # a name no metric has, or a baseline it refuses (other schema or data)
-                raise click.UsageError(str(err)) from err
+            return report_document(rep)
+
+        try:  # the precedence of options over [tool.latentdiag.check] is run_check's
+            result = gate.run_check(report_path if report_path is not None else evaluated, rules=fail_if,
+                                    baseline=baseline, config=config, compare=compare, tolerances=tol, z=z,
+                                    nofail=nofail)
+        except gate.CheckUsageError as err:  # a file, rule or name it cannot use, or a baseline it refuses
+            option = {"config": "--config"}.get(err.argument or "", "--report/--baseline")
+            raise click.UsageError(f"{option}: {err.detail}" if err.prefixed else str(err)) from err
         if fmt == "json":
-            click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2, allow_nan=False))
-        elif outcomes:
-            click.echo(gate.render_outcomes_table(outcomes))
+            click.echo(result.to_json())
+        elif result.outcomes:
+            click.echo(result.render_table())
         if junit is not None:
             with writing("--junit", junit):
-                atomic_write_text(junit, gate.render_junit(outcomes))
-        code = gate.exit_code(outcomes, nofail=nofail)
-        if code == EXIT_NOTHING and not quiet:
+                atomic_write_text(junit, result.render_junit())
+        if result.nothing_evaluated and not quiet:
             click.echo("nothing was evaluated: give --fail-if rules or a --baseline (or [tool.latentdiag.check] "
                        "in pyproject.toml) that name metrics of the report", err=True)
-        return code
+        return result.exit_code
     _run(body, verbose)
 
 
@@ -560,13 +545,13 @@ def inspect(checkpoint, trust_checkpoint, fmt, verbose):
         except LatentdiagError:
             raise
         except (FileNotFoundError, ValueError, OSError) as err:
-            raise _Fail(EXIT_RUNTIME, str(err)) from err
+            raise CommandError(ExitCode.RUNTIME, str(err)) from err
         click.echo(json.dumps(info.to_dict(), indent=2) if fmt == "json" else info.render())
         if not info.loadable_weights_only and info.loaded_with is None:
             blocked = ", ".join(info.blocked_globals) or info.refusal
-            raise _Fail(EXIT_RUNTIME, f"a weights-only load refuses {checkpoint!r} ({blocked}); nothing was "
-                                      "unpickled. Pass --trust-checkpoint only for files you trust.")
-        return EXIT_OK
+            raise CommandError(ExitCode.RUNTIME, f"a weights-only load refuses {checkpoint!r} ({blocked}); nothing "
+                                                 "was unpickled. Pass --trust-checkpoint only for files you trust.")
+        return ExitCode.OK
     _run(body, verbose)
 
 

@@ -17,8 +17,6 @@ import click
 from latentdiag.cli._errors import CommandError, run_command, writing
 from latentdiag.errors import ExitCode, LatentdiagError
 
-EXIT_RUNTIME = ExitCode.RUNTIME
-
 #: Options that shape the model or the data of a new run: a resumed run takes them from its checkpoint.
 _FIXED_BY_RESUME = ("model_name", "horizon", "latent_dim", "likelihood", "prior", "flow_steps", "local_layer",
                     "channels", "res_blocks", "d_model", "heads", "ff_dim", "layers", "max_len", "injection",
@@ -163,7 +161,7 @@ def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: st
            amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
            ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
            word_dropout: float | None, given: set[str]) -> int:
-    from latentdiag._io import check_output_file
+    from latentdiag.output import check_output_file
     from latentdiag.train.trainer import train_reference
 
     out = out or resume
@@ -206,7 +204,7 @@ def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: st
     except (ValueError, TypeError) as err:
         raise click.UsageError(_resume_message(str(err)) if resume is not None else str(err)) from err
     except (ArithmeticError, RuntimeError) as err:
-        raise CommandError(EXIT_RUNTIME, str(err)) from err
+        raise CommandError(ExitCode.RUNTIME, str(err)) from err
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     s = result.settings

@@ -280,3 +280,77 @@ def test_every_package_folder_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert folders - listed == set()
+
+
+# -- the CLI imports only public modules of the library (issue 18, item 4) ----------------------------------------
+
+CLI = ROOT / "cli"
+
+
+def _private_library_imports(source: str, filename: str = "<cli>") -> list[str]:
+    """Imports of a module of latentdiag.cli that reach a private module or name of the library: a dotted part
+    starting with "_" (``latentdiag._io``, ``latentdiag.estimators._common``, ``from latentdiag import _io``,
+    ``from latentdiag.x import _name``), relative ones resolved (cli/ installs as latentdiag.cli). The CLI's own
+    private modules (``latentdiag.cli._errors``) are its own business."""
+    bad = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ["latentdiag", "cli"][:2 - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" for a in node.names]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            targets = [node.args[0].value]
+        for t in targets:
+            parts = t.split(".")
+            if parts[0] != "latentdiag" or parts[:2] == ["latentdiag", "cli"]:
+                continue
+            if any(p.startswith("_") for p in parts[1:]):
+                bad.append(f"{filename}:{node.lineno} imports {t}")
+    return bad
+
+
+def test_the_private_import_scanner_finds_planted_ones():
+    planted = ("import latentdiag._io\nfrom latentdiag import _io\nfrom latentdiag._runtime import resolve_device\n"
+               "def f():\n    from latentdiag.estimators._common import NonFiniteEstimateError\n"
+               "from .. import _io\nimport importlib\nimportlib.import_module('latentdiag._io')\n"
+               "from latentdiag.report.check import _toml_module\n")
+    assert len(_private_library_imports(planted)) == 7
+    fine = ("from latentdiag.cli._errors import run_command\nfrom ._errors import writing\n"
+            "from latentdiag.output import atomic_write_text\nfrom latentdiag.report import check as gate\n"
+            "import latentdiag\nfrom latentdiag.errors import ExitCode\nimport os._x\n")
+    assert _private_library_imports(fine) == []
+
+
+def test_the_cli_imports_no_private_library_module():
+    files = sorted(CLI.glob("*.py"))
+    assert {p.name for p in files} >= {"main.py", "_errors.py", "train_cmd.py"}
+    bad = [b for p in files for b in _private_library_imports(p.read_text(), str(p.relative_to(ROOT)))]
+    assert bad == []
+
+
+def test_the_public_faces_are_the_private_implementations():
+    """latentdiag.output and latentdiag.devices re-export (never copy) what latentdiag._io / _runtime implement."""
+    import latentdiag._io as io
+    import latentdiag._runtime as runtime
+    import latentdiag.devices as devices
+    import latentdiag.output as output
+
+    for name in output.__all__:
+        assert getattr(output, name) is getattr(io, name), name
+    for name in devices.__all__:
+        assert getattr(devices, name) is getattr(runtime, name), name
+
+
+def test_the_gate_modules_are_short():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "report" / "check").glob("*.py")}
+    assert {"gates.py", "rules.py", "baseline.py", "config.py", "render.py", "run.py"} <= set(sizes)
+    assert max(sizes.values()) < 600, sizes
+    assert not (PACKAGE / "report" / "check.py").exists()
