@@ -4,6 +4,9 @@ replace it in one place."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -36,6 +39,10 @@ def _merge_rngs(seed: int | None, merge_round: int, sweep: int) -> tuple[torch.G
     return _rngs(None if seed is None else seed + 104729 * stream, _STREAM_MERGE)
 
 
-def _prior_seed(seed: int | None) -> int:
-    """The torch seed of :func:`~latentdiag.estimators.mixed_membership.prior_draws` (``None`` draws as 0)."""
-    return mix_seed((seed or 0) + _STREAM_PRIOR)
+@contextlib.contextmanager
+def _prior_stream(seed: int | None) -> Iterator[None]:
+    """torch's global generator seeded for :func:`~latentdiag.estimators.mixed_membership.prior_draws` (``None``
+    draws as 0; a Distribution's ``sample`` takes no generator), restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed((seed or 0) + _STREAM_PRIOR))
+        yield

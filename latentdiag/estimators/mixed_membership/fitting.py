@@ -16,7 +16,7 @@ from latentdiag._validation import check_choice, check_int, check_positive_float
 from latentdiag.estimators.mixed_membership._random import _STREAM_INIT, _generator
 from latentdiag.estimators.mixed_membership.inputs import _check_groups, _check_prior, _split
 from latentdiag.estimators.mixed_membership.posterior import _DF_PRIOR, _LOC_PRIOR_SCALE, _SCALE_PRIOR_SIGMA
-from latentdiag.estimators.mixed_membership.result import MixedMembership, _weights_frame
+from latentdiag.estimators.mixed_membership.result import MixedMembership
 from latentdiag.estimators.mixed_membership.svi import _Fitter
 
 _MODES = ("multivariate", "univariate")
@@ -202,9 +202,8 @@ def mixed_membership(groups: Mapping[str, Any], *, mode: str = "multivariate", c
                    "df": f"Gamma({_DF_PRIOR[0]}, rate {_DF_PRIOR[1]})" if family == "student_t" else None,
                    "weights": f"Dirichlet({alpha:g})"},
     }
-    weights = _weights_frame(names, post, mode)
     return MixedMembership(
-        groups=tuple(names), mode=mode, family=family, weights=weights, components=post.summaries(family),
+        groups=tuple(names), mode=mode, family=family, components=post.summaries(family),
         elbo_trace=elbo_trace, steps_run=steps_run, converged=converged, convergence_rule=rule,
         merges=tuple(merges), settings=settings, notes=tuple(notes), flags=tuple(flags), prior=prior, _post=post,
         _eval={n: x for n, x in zip(names, eval_sets)})

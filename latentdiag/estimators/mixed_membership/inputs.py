@@ -13,7 +13,7 @@ from torch.distributions import Distribution, MultivariateNormal
 
 from latentdiag._validation import check_int
 from latentdiag.errors import InsufficientDataError
-from latentdiag.estimators.mixed_membership._random import _STREAM_SPLIT, _generator, _prior_seed
+from latentdiag.estimators.mixed_membership._random import _STREAM_SPLIT, _generator, _prior_stream
 from latentdiag.estimators.mixed_membership.posterior import _factorises, _to_cpu_double
 
 def _check_groups(groups: Any) -> tuple[list[str], list[torch.Tensor]]:
@@ -110,8 +110,7 @@ def prior_draws(prior: Distribution, n: int, seed: int | None) -> tuple[Distribu
     is left as it was.
     """
     n = check_int("n", n, minimum=1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_prior_seed(seed))
+    with _prior_stream(seed):
         prior_cpu = _to_cpu_double(prior)
         draws = prior_cpu.sample((n,)).to(torch.float64)
     return prior_cpu, draws
