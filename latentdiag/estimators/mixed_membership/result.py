@@ -86,6 +86,7 @@ class MixedMembership:
     _eval: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)   # evaluation samples per group
 
     def __post_init__(self) -> None:
+        # frozen for real: read-only mappings, tuples, read-only array copies (see _frozen)
         for name in ("groups", "components", "elbo_trace", "merges", "settings", "notes", "flags", "_eval"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
@@ -95,6 +96,7 @@ class MixedMembership:
 
     @property
     def weights(self) -> Any:
+        """The weights table (see the class docstring), built afresh from the posterior: a caller's copy."""
         return _weights_frame(self.groups, self._post, self.mode)
 
     @property
