@@ -7,6 +7,7 @@ fits one :func:`~latentdiag.estimators.mixed_membership.mixed_membership` model 
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -95,7 +96,8 @@ def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, sample
         result = mixed_membership(groups, prior=prior_cpu, seed=seed, holdout=evals, **kwargs)
     else:
         result = mixed_membership(groups, prior=prior_cpu, seed=seed, holdout=0.0, **kwargs)
-    result.settings.update(samples_per_point=samples_per_point, prior_samples=n_prior, datapoints=n_data,
-                           models=list(models), holdout=holdout, holdout_by="datapoint",
-                           prior_group="prior (drawn from the first model's prior)")
-    return result
+    # the result is frozen: a new record with the comparison's settings added
+    return dataclasses.replace(result, settings=dict(
+        result.settings, samples_per_point=samples_per_point, prior_samples=n_prior, datapoints=n_data,
+        models=list(models), holdout=holdout, holdout_by="datapoint",
+        prior_group="prior (drawn from the first model's prior)"))
