@@ -32,7 +32,9 @@ __all__ = ["child_seed", "numpy_rng", "resolve_seed", "seeded", "stream_seed", "
 _MAX_TORCH_SEED = 2 ** 63  # torch.manual_seed takes [0, 2**64); stay inside the signed range for every backend
 
 
-def _purpose_key(purpose: str) -> int:
+def _purpose_key(purpose: str | int) -> int:
+    if isinstance(purpose, int) and not isinstance(purpose, bool) and purpose >= 0:
+        return purpose  # a numbered stream (tests, internal loops); names are the rule
     if not isinstance(purpose, str) or not purpose:
         raise TypeError(f"purpose must be a non-empty str naming the use of the seed; got {purpose!r}.")
     return zlib.crc32(purpose.encode("utf-8"))

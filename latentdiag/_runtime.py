@@ -1,4 +1,5 @@
-"""Device, evaluation mode and seeding for estimators: run a model the same way whatever state it arrives in."""
+"""Device and evaluation mode for estimators: run a model the same way whatever state it arrives in (seeding:
+:mod:`latentdiag._random`)."""
 
 from __future__ import annotations
 
@@ -81,23 +82,3 @@ def evaluation(model: Any) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generators inside the block only; the caller's random state is restored after."""
-    if seed is None:
-        yield
-        return
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(mix_seed(seed))
-        yield
-
-
-def mix_seed(seed: int) -> int:
-    """A torch seed derived from the user's ``seed``, so that estimator draws never share a stream with data a
-    user drew from ``torch.Generator().manual_seed(seed)`` (same seed, same stream: correlated, biased numbers)."""
-    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2 ** 63)

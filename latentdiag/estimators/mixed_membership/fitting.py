@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.distributions import Distribution
 
-from latentdiag._runtime import resolve_device, seeded
+from latentdiag._runtime import resolve_device
 from latentdiag._validation import check_choice, check_int, check_positive_float
-from latentdiag.estimators.mixed_membership._random import _STREAM_INIT, _generator
+from latentdiag.estimators.mixed_membership._random import _STREAM_INIT, _generator, _svi_stream
 from latentdiag.estimators.mixed_membership.inputs import _check_groups, _check_prior, _split
 from latentdiag.estimators.mixed_membership.posterior import _DF_PRIOR, _LOC_PRIOR_SCALE, _SCALE_PRIOR_SIGMA
 from latentdiag.estimators.mixed_membership.result import MixedMembership
@@ -163,7 +163,7 @@ def mixed_membership(groups: Mapping[str, Any], *, mode: str = "multivariate", c
     batches = [min(n, cap) for n in n_fit]
 
     started = time.perf_counter()
-    with seeded(seed, run_device):
+    with _svi_stream(seed, run_device):
         fitter = _Fitter(standardised, mode=mode, family=family, k=k, alpha=alpha, batches=batches,
                          device=run_device, seed=seed)
         fitter.initialise(_generator(seed, _STREAM_INIT))
