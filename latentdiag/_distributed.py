@@ -92,8 +92,8 @@ def check_same_across_ranks(name: str, value: Any, group: Any = None) -> None:
         return
     values = _gather_objects(value, group)
     if any(v != values[0] for v in values[1:]):
-        raise ValueError(f"{name} differs across the {len(values)} processes of the process group ({_describe(values)}); "
-                         f"every rank must hold the same {name}.")
+        raise ValueError(f"{name} differs across the {len(values)} processes of the process group "
+                         f"({_describe(values)}); every rank must hold the same {name}.")
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
