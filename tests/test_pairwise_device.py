@@ -135,30 +135,48 @@ def test_kernels_run_inside_the_tf32_guard(monkeypatch):
 
 
 @pytest.fixture
-def tf32_flag():
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    yield matmul
-    matmul.allow_tf32 = saved
+def matmul():
+    """torch.backends.cuda.matmul, with TF32 off again afterwards, set the legacy way (after which torch reads
+    both the legacy flag and the new setting without a mixing error)."""
+    flags = torch.backends.cuda.matmul
+    yield flags
+    flags.allow_tf32 = False
 
 
-def test_no_tf32_turns_it_off_on_cuda_and_restores_the_user_setting(tf32_flag):
-    tf32_flag.allow_tf32 = True                                       # the user's choice
+def _tf32_on(flags) -> bool:
+    try:
+        return flags.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9: the legacy flag only
+        return bool(flags.allow_tf32)
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_no_tf32_turns_it_off_on_cuda_and_restores_the_user_setting(matmul, api):
+    if api == "new" and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    if api == "legacy":
+        matmul.allow_tf32 = True                                      # the user's choice, the old way
+    else:
+        matmul.fp32_precision = "tf32"                                # the user's choice, the new way
     with no_tf32("cuda"):
-        assert tf32_flag.allow_tf32 is False
-    assert tf32_flag.allow_tf32 is True
+        assert not _tf32_on(matmul)
+    assert _tf32_on(matmul)
+    if api == "legacy":
+        assert matmul.allow_tf32 is True                              # still readable the old way: no mixing error
     with pytest.raises(RuntimeError, match="inside"):
         with no_tf32(torch.device("cuda", 0)):
             raise RuntimeError("inside")
-    assert tf32_flag.allow_tf32 is True                               # restored after an error too
-    tf32_flag.allow_tf32 = False
+    assert _tf32_on(matmul)                                           # restored after an error too
+
+
+def test_no_tf32_keeps_tf32_off_when_it_was_off(matmul):
     with no_tf32("cuda"):
-        pass
-    assert tf32_flag.allow_tf32 is False
+        assert not _tf32_on(matmul)
+    assert not _tf32_on(matmul)
 
 
-def test_no_tf32_leaves_other_devices_alone(tf32_flag):
-    tf32_flag.allow_tf32 = True
+def test_no_tf32_leaves_other_devices_alone(matmul):
+    matmul.allow_tf32 = True
     for device in (None, "cpu"):
         with no_tf32(device):
-            assert tf32_flag.allow_tf32 is True
+            assert matmul.allow_tf32 is True

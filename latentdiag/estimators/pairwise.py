@@ -82,18 +82,25 @@ def no_tf32(device: torch.device | str | None) -> Iterator[None]:
     """Inside: float32 CUDA matrix products in full float32, never TF32 (10-bit mantissa, ~1e-3 relative error,
     which the expanded Gaussian quadratic form turns into nats); the user's setting is restored on exit, also
     after an error. The kernels compute in float64, which TF32 never touches; the guard covers the float32
-    ``log_prob`` of a model's own posterior on the generic path. On a non-CUDA device: nothing is changed."""
+    ``log_prob`` of a model's own posterior on the generic path. On a non-CUDA device: nothing is changed.
+
+    Through ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" inside) where torch has it (>= 2.9): torch
+    raises when a program reads the legacy ``allow_tf32`` after the new setting was used, and restoring the new
+    setting leaves a user's legacy flag readable as it was. Older torch: the legacy ``allow_tf32``."""
     dev = torch.device("cpu" if device is None else device)
     if dev.type != "cuda":
         yield
         return
     matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    matmul.allow_tf32 = False
+    try:
+        saved, name, off = matmul.fp32_precision, "fp32_precision", "ieee"
+    except AttributeError:
+        saved, name, off = matmul.allow_tf32, "allow_tf32", False
+    setattr(matmul, name, off)
     try:
         yield
     finally:
-        matmul.allow_tf32 = saved
+        setattr(matmul, name, saved)
 
 
 def logsumexp_log_q(z: torch.Tensor, table: EncodedTable, *, chunk_size: int | None = None,
