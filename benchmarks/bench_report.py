@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import numbers
 import os
 import shutil
 import statistics
@@ -185,7 +186,8 @@ def run_worker(args: argparse.Namespace) -> None:
     values = {}
     for est in report.results:
         value = est.value
-        values[est.name] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else repr(value)
+        finite = isinstance(value, numbers.Real) and math.isfinite(value)
+        values[est.name] = float(value) if finite else repr(value)
     result = {
         "wall_s": wall, "cpu_s": cpu_total, "timings_s": dict(report.timings), "cpu_timings_s": cpu,
         "skipped": dict(report.skipped),
