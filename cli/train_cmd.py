@@ -122,7 +122,7 @@ def _semi_line(rec: dict[str, Any]) -> str:
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=None, help="infovae: KL weight (1 - alpha).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Total epochs (a resumed run continues up to this number); default 10, and for m2_lpvae 50 (the "
-                   "paper's) on full data, 2 on the bundled data (CPU scale).")
+                   "paper's) on full data, 1 on the bundled data (CPU scale).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Global batch size (100).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (3e-4).")
 @click.option("--data", "data_name", default=None, metavar="SPEC",

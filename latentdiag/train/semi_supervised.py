@@ -293,7 +293,7 @@ def train_semi_supervised(model: nn.Module | Mapping[str, Any], train_data: Any,
 PAPER_SCHEDULE: dict[str, int] = {"epochs": 50, "batch_size": 16}
 #: The CPU-scale default on the bundled data (mnist5k, digits): a small decoder and Bernoulli pixels, a run of a
 #: few minutes on two CPU cores (docs/training.md records one); every entry can be overridden.
-CPU_SCALE: dict[str, Any] = {"epochs": 2, "batch_size": 64, "likelihood": "bernoulli",
+CPU_SCALE: dict[str, Any] = {"epochs": 1, "batch_size": 64, "likelihood": "bernoulli",
                              "model": {"hidden": 256, "cond_channels": 4, "channels": 16, "res_blocks": 0}}
 _BUNDLED = ("mnist5k", "digits")
 
