@@ -354,12 +354,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     # models with their own classifier q(y|x) (the semi-supervised M2): latentdiag/report/classification.py
     Metric("classification_accuracy", "the model's classifier q(y|x): accuracy on the evaluated split (needs labels)",
            lambda ctx: __import__("latentdiag.report.classification", fromlist=["_"]).run_classification_accuracy(ctx),
-           needs=("classify",), gates={"classification_accuracy": Gate(
-               "down", "accuracy", default=True, why="the model's classifier gets fewer labels right")}),
+           needs=("classify",)),
     Metric("rate_per_class", "KL(q(z|x) || p(z)) within each true class (needs labels and classify)",
            lambda ctx: __import__("latentdiag.report.classification", fromlist=["_"]).run_rate_per_class(ctx),
-           needs=("classify",), gates={"rate_per_class": Gate(
-               "down", "nats", why="the class-balanced rate falling towards 0 is collapse within classes")}),
+           needs=("classify",)),
 ]}
 
 

@@ -108,8 +108,7 @@ def m2_loss(model: Any, x_labelled: torch.Tensor, y_labelled: torch.Tensor, x_un
 
 
 def _labels_of(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x = getattr(data, "x", None)
-    y = getattr(data, "y", None)
+    x, y = (data, None) if isinstance(data, torch.Tensor) else (getattr(data, "x", None), getattr(data, "y", None))
     if x is None and isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
