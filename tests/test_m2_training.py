@@ -131,6 +131,8 @@ def test_train_command_m2_records_its_subset_and_reports_accuracy(tmp_path):
     classes = [per_class.extra[f"class_{k}"] for k in range(10)]
     assert per_class.value == pytest.approx(np.mean(classes))
     assert min(classes) > 0 and report.plots["accuracy_per_class"]
+    res = runner.invoke(train_command, ["--resume", str(out), "--epochs", "2"])
+    assert res.exit_code == 2 and "cannot be resumed yet" in res.output, res.output
 
 
 def test_report_skips_the_classification_metrics_for_a_model_without_a_classifier(exact_model, x_model):
