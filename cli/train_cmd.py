@@ -70,11 +70,27 @@ def _line(rec: dict[str, Any], epochs: int, text: bool = False) -> str:
     return out
 
 
+def _semi_line(rec: dict[str, Any]) -> str:
+    out = (f"epoch {rec['epoch']}/{rec['epochs']}  train loss {rec['train_loss']:.3f}  -ELBO labelled "
+           f"{rec['train_labelled_neg_elbo']:.3f}")
+    if "train_unlabelled_neg_elbo" in rec:
+        out += f"  unlabelled {rec['train_unlabelled_neg_elbo']:.3f}"
+    out += f"  cross-entropy {rec['train_cross_entropy']:.3f}  {rec['images_per_s']:.0f} img/s"
+    if "test_accuracy" in rec:
+        out += f" | test accuracy {rec['test_accuracy']:.4f} ± {rec['test_accuracy_stderr']:.4f} (n={rec['test_n']})"
+    return out
+
+
 @click.command("train")
-@click.option("--model", "model_name", type=click.Choice(["lpvae_mnist", "lpvae_cifar", "transformer_vae"]),
+@click.option("--model", "model_name", type=click.Choice(["lpvae_mnist", "lpvae_cifar", "transformer_vae",
+                                                         "m2_lpvae"]),
               default="lpvae_mnist", show_default=True,
-              help="Reference architecture: the LPVAE / FPVAE (Zhang et al. 2022, Section 5) or the Transformer text "
-                   "VAE (the thesis; --data topics or text:FILE).")
+              help="Reference architecture: the LPVAE / FPVAE (Zhang et al. 2022, Section 5), the Transformer text "
+                   "VAE (the thesis; --data topics or text:FILE) or the semi-supervised M2 LPVAE (Section 6; needs "
+                   "--labels).")
+@click.option("--labels", type=click.IntRange(min=1), default=None,
+              help="m2_lpvae: size of the class-balanced labelled subset (a multiple of the class count, e.g. 100), "
+                   "drawn from --seed and recorded in the checkpoint; the rest of the training set is unlabelled.")
 @click.option("--horizon", default="1", show_default=True,
               help="Dependency horizon h of the local PixelCNN (0 = plain VAE), or 'full' (FPVAE).")
 @click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="D (default 32 MNIST, 64 CIFAR).")
@@ -102,12 +118,14 @@ def _line(rec: dict[str, Any], epochs: int, text: bool = False) -> str:
               help="min_rate: dual step size of the Lagrange multiplier.")
 @click.option("--mmd-weight", type=click.FloatRange(min=0, min_open=True), default=None, help="infovae: MMD weight.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=None, help="infovae: KL weight (1 - alpha).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Total epochs (a resumed run continues up to this number).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Total epochs (a resumed run continues up to this number); default 10, and for m2_lpvae 50 (the "
+                   "paper's) on full data, 1 on the bundled data (CPU scale).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Global batch size (100).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate (3e-4).")
 @click.option("--data", "data_name", default=None, metavar="SPEC",
-              help="Training data: mnist5k (default for images), digits, cifar10 (needs --data-dir); for "
+              help="Training data: mnist5k (default for images), digits, mnist:DIR (IDX files), cifar10:DIR or "
+                   "cifar10 with --data-dir (random flip and 4-pixel padded crop in training); for "
                    "transformer_vae: topics (default), text:FILE (every 10th line is test) or text:TRAIN,TEST.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder holding cifar-10-batches-py.")
@@ -142,7 +160,7 @@ def train(model_name: str, horizon: str, latent_dim: int | None, likelihood: str
           data_dir: str | None, device: str, seed: int | None, out: str | None, resume: str | None,
           amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
           ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
-          word_dropout: float | None, verbose: bool = False) -> None:
+          word_dropout: float | None, labels: int | None = None, verbose: bool = False) -> None:
     """Train an LPVAE (local PixelCNN decoder of horizon h), an FPVAE or the Transformer text VAE and write a
     checkpoint that `latentdiag report` can read without a factory."""
     options = {k: v for k, v in locals().items() if k != "verbose"}
@@ -160,7 +178,7 @@ def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: st
            data_dir: str | None, device: str, seed: int | None, out: str | None, resume: str | None,
            amp: bool | None, iw_samples: int, progress: bool | None, d_model: int | None, heads: int | None,
            ff_dim: int | None, layers: int | None, max_len: int | None, injection: str | None,
-           word_dropout: float | None, given: set[str]) -> int:
+           word_dropout: float | None, given: set[str], labels: int | None = None) -> int:
     from latentdiag.output import check_output_file
     from latentdiag.train.trainer import train_reference
 
@@ -173,6 +191,17 @@ def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: st
                                "run rebuilds the model from the checkpoint. --epochs (the new "
                                "total), --out, --device, --amp, --iw-samples, --data-dir and --progress apply.")
     check_output_file(out, "--out")
+    semi = model_name == "m2_lpvae" and resume is None
+    if labels is not None and not semi:
+        raise click.UsageError("--labels applies only to --model m2_lpvae (semi-supervised), and not with --resume.")
+    if semi and labels is None:
+        raise click.UsageError("--model m2_lpvae is semi-supervised: --labels N (the labelled subset, e.g. 100) is "
+                               "required.")
+    if semi and (prior != "normal" or flow_steps is not None):
+        raise click.UsageError("--prior and --flow-steps do not apply to --model m2_lpvae (its prior is N(0, I) with "
+                               "a uniform p(y)).")
+    if epochs is None and not semi:
+        epochs = 10
     if progress is None:
         progress = sys.stderr.isatty()
     text_options = {"d_model": d_model, "heads": heads, "ff_dim": ff_dim, "encoder_layers": layers,
@@ -198,7 +227,8 @@ def _train(model_name: str, horizon: str, latent_dim: int | None, likelihood: st
                                  data_dir=data_dir, objective=obj, epochs=epochs, batch_size=batch_size, lr=lr,
                                  seed=seed, device=device, amp="auto" if amp is None else amp, out=out,
                                  resume=resume, iw_samples=iw_samples, progress=progress,
-                                     callback=lambda rec: click.echo(_line(rec, epochs, text)))
+                                     callback=lambda rec: click.echo(_semi_line(rec) if semi else
+                                                                     _line(rec, epochs, text)), labels=labels)
     except LatentdiagError:
         raise
     except (ValueError, TypeError) as err:

@@ -13,6 +13,7 @@ __all__ = [
     "LatentVariableModel",
     "SupportsDecoderLogits",
     "SupportsNumDims",
+    "SupportsClassify",
     "has_capability",
     "require_capability",
     "CAPABILITIES",
@@ -63,12 +64,20 @@ class SupportsNumDims(Protocol):
     def num_dims(self, x: torch.Tensor) -> int | torch.Tensor: ...
 
 
+@runtime_checkable
+class SupportsClassify(Protocol):
+    """Optional capability: ``classify(x)`` gives the model's own class scores, log q(y|x) or logits, (B, K)
+    (semi-supervised models such as M2). Used for the report's classification accuracy."""
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class UnsupportedModelError(TypeError):
     """The model cannot serve an estimator: it lacks a capability the estimator needs, or its distributions are
     of a family the estimator does not handle. A report skips the estimator with this message."""
 
 
-CAPABILITIES = {"decoder_logits": SupportsDecoderLogits, "num_dims": SupportsNumDims}
+CAPABILITIES = {"decoder_logits": SupportsDecoderLogits, "num_dims": SupportsNumDims, "classify": SupportsClassify}
 
 
 def has_capability(model: Any, name: str) -> bool:

@@ -400,6 +400,15 @@ def _text_samples(ctx):
     return [], {"text_samples": decoded_examples(ctx.model, ctx.data, seed=ctx.seed)}
 
 
+# models with their own classifier q(y|x) (the semi-supervised M2): the run functions are in report/classification.py
+from latentdiag.report.classification import run_classification_accuracy, run_rate_per_class  # noqa: E402
+
+metric("classification_accuracy", "the model's classifier q(y|x): accuracy on the evaluated split (needs labels)",
+       needs=("classify",))(run_classification_accuracy)
+metric("rate_per_class", "KL(q(z|x) || p(z)) within each true class (needs labels and classify)",
+       needs=("classify",))(run_rate_per_class)
+
+
 def _default_metrics() -> list[str]:
     return [name for name, m in METRICS.items() if m.default]
 

@@ -618,8 +618,8 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
     Returns ``{"train", "test", "info", "input_shape", "levels", "augment"}``: ``"mnist5k"`` and ``"digits"``
     (bundled) as grey levels (``format="levels"``, stored as uint8; 256 and 17 levels) or binarised
     (``format="binary"``, for the Bernoulli likelihood), ``"mnist:DIR"`` (full MNIST from a folder of IDX files,
-    :func:`latentdiag.data.read_mnist`), ``"cifar10"`` read from ``data_dir`` with
-    :func:`latentdiag.data.read_cifar10` (levels, with the flip-and-crop augmentation).
+    :func:`latentdiag.data.read_mnist`), ``"cifar10"`` read from ``data_dir`` (or ``"cifar10:DIR"``) with
+    :func:`latentdiag.data.read_cifar10` (levels, with the flip-and-crop augmentation at training time only).
     """
     from latentdiag.data import DataSplit, digits, mnist5k, read_cifar10
 
@@ -632,9 +632,15 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
         return {"train": train_split, "test": test_split, "text": True, "augment": "none",
                 "info": {"name": data, "format": None, "kind": "text", "vocabulary": len(train_split.vocab),
                          "train_sentences": len(train_split), "test_sentences": len(test_split)}}
+    spec = data
+    if isinstance(data, str) and data.startswith("cifar10:"):  # the spec form of "cifar10" with data_dir
+        if not data[len("cifar10:"):]:
+            raise ValueError("data='cifar10:DIR' needs the folder holding cifar-10-batches-py after 'cifar10:'.")
+        data, data_dir = "cifar10", data[len("cifar10:"):]
     mnist_dir = data[len("mnist:"):] if isinstance(data, str) and data.startswith("mnist:") else None
     if mnist_dir is None:
-        data = check_choice("data", data, ("mnist5k", "digits", "cifar10", "mnist:DIR", "topics", "text:PATH"))
+        data = check_choice("data", data, ("mnist5k", "digits", "cifar10", "cifar10:DIR", "mnist:DIR", "topics",
+                                           "text:PATH"))
     fmt = "binary" if likelihood == "bernoulli" else "levels"
     if mnist_dir is not None:  # full MNIST from the user's IDX files (60,000 / 10,000)
         from latentdiag.data import read_mnist
@@ -655,7 +661,7 @@ def load_training_data(data: str = "mnist5k", *, likelihood: str = "categorical"
     if fmt == "levels":  # 8-bit levels kept as uint8: 8 times less memory than int64 (CIFAR-10: 150 MB)
         train_split, test_split = (DataSplit(s.x.to(torch.uint8), s.y, s.name, s.num_classes)
                                    for s in (train_split, test_split))
-    return {"train": train_split, "test": test_split, "info": {"name": data, "format": fmt},
+    return {"train": train_split, "test": test_split, "info": {"name": spec, "format": fmt},
             "input_shape": shape, "levels": levels, "augment": aug}
 
 
@@ -663,11 +669,12 @@ def train_reference(model: str = "lpvae_mnist", *, horizon: int | str = 1, laten
                     likelihood: str | None = None, prior: str = "normal", flow_steps: int | None = None,
                     model_options: Mapping[str, Any] | None = None, data: str | None = None,
                     data_dir: str | os.PathLike | None = None, objective: str | Mapping[str, Any] | None = None,
-                    epochs: int = 10, batch_size: int | None = None, lr: float | None = None,
+                    epochs: int | None = 10, batch_size: int | None = None, lr: float | None = None,
                     seed: int | None = None, device: Any = "auto", amp: bool | str = "auto",
                     out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                     iw_samples: int = 0, max_monitor: int | None = None, progress: bool = False,
-                    callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+                    callback: Callable[[dict[str, Any]], None] | None = None,
+                    labels: int | None = None) -> TrainResult:
     """Train a reference model (what ``latentdiag train`` runs): an LPVAE / FPVAE on bundled or CIFAR-10 images, or
     the Transformer VAE (``model="transformer_vae"``) on text (``data="topics"``, the default for it, or
     ``"text:FILE"`` / ``"text:TRAIN,TEST"``).
@@ -680,16 +687,27 @@ def train_reference(model: str = "lpvae_mnist", *, horizon: int | str = 1, laten
     learning rate 1e-3 and gradient clipping at norm 1.0. Loads the data (:func:`load_training_data`) and calls
     :func:`train` with checkpoints to ``out``. When resuming, the model and the data come from the checkpoint
     (``data`` may be omitted).
+
+    Semi-supervised (``model="m2_lpvae"``, ``labels`` = the size of the labelled subset):
+    :func:`latentdiag.train.semi_supervised.train_reference_semi_supervised` (``epochs`` None: its default).
     """
     from latentdiag.models.lpvae import reference_config
     from latentdiag.models.transformer_vae import text_vae_config
+    from latentdiag.train import semi_supervised as ssl
 
+    if resume is None and (model in ssl.SEMI_SUPERVISED_MODELS or labels is not None):  # issue 20: M2
+        return ssl.train_reference_semi_supervised(
+            model, labels=labels, horizon=horizon, latent_dim=latent_dim, likelihood=likelihood,
+            model_options=model_options, data=data, data_dir=data_dir, objective=objective, epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, callback=callback)
+    epochs = 10 if epochs is None else epochs
     if resume is not None:
         from latentdiag.adapters.loading import load_checkpoint
 
         raw = load_checkpoint(resume, map_location="cpu")
         if not isinstance(raw, Mapping):
             raise ValueError(f"resume: {os.fspath(resume)!r} is not a latentdiag reference checkpoint.")
+        ssl.refuse_resume(raw, labels)  # issue 20: a semi-supervised run is not resumed (yet)
         recorded = raw.get("data") or {}
         kwargs = (raw.get("model") or {}).get("kwargs", {})
         name = data or recorded.get("name")
