@@ -17,8 +17,8 @@ import torch
 
 from latentdiag._validation import check_int
 
-__all__ = ["world", "is_distributed", "shard_indices", "all_reduce_sum", "all_gather_cat",
-           "check_same_across_ranks", "module_fingerprint"]
+__all__ = ["world", "is_distributed", "shard_indices", "all_reduce_sum", "all_gather_cat", "broadcast_object",
+           "gather_objects", "check_same_across_ranks", "module_fingerprint"]
 
 
 def is_distributed() -> bool:
@@ -69,6 +69,25 @@ def _gather_objects(value: Any, group: Any = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def gather_objects(value: Any, group: Any = None) -> list[Any]:
+    """``value`` of every rank in rank order (a small pickled exchange every rank must reach); ``[value]`` without a
+    process group."""
+    if not is_distributed():
+        return [value]
+    return _gather_objects(value, group)
+
+
+def broadcast_object(value: Any, group: Any = None, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank (e.g. a seed drawn fresh on rank 0); ``value`` without a group."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def _describe(values: list[Any]) -> str:

@@ -34,9 +34,9 @@ from types import ModuleType
 
 import torch
 import torch.distributions.kl as _torch_kl
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-__all__ = ["is_diagonal_normal", "diagonal_marginals", "analytic_kl", "kl_divergence"]
+__all__ = ["is_diagonal_normal", "diagonal_marginals", "analytic_kl", "kl_divergence", "from_standard_normal"]
 
 
 def _torch_own_rules() -> ModuleType:
@@ -83,6 +83,25 @@ def diagonal_marginals(d: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"d must be a diagonal Normal, Independent(Normal(loc, scale), 1); got {_describe(d)}.")
     base = d.base_dist
     return base.loc, base.scale
+
+
+def from_standard_normal(d: Distribution, eps: torch.Tensor) -> torch.Tensor | None:
+    """The draws of ``d`` whose standard normal noise is ``eps`` (S, *batch, D), or None for a family without a
+    known location-scale form.
+
+    z = loc + scale * eps for a diagonal Normal (:func:`is_diagonal_normal`), z = loc + L eps for a
+    ``MultivariateNormal`` (L its Cholesky factor ``scale_tril``): exactly the transform ``rsample`` applies to
+    the noise it draws itself, so these are draws of d (reparameterised), with the noise chosen by the caller
+    (keyed by datapoint, :func:`latentdiag._random.datapoint_normal`). ``eps`` is cast to d's dtype and device.
+    """
+    if is_diagonal_normal(d):
+        loc, scale = diagonal_marginals(d)
+        return loc + scale * eps.to(loc.device, loc.dtype)
+    if type(d) is MultivariateNormal:
+        loc = d.loc
+        e = eps.to(loc.device, loc.dtype)
+        return loc + (d.scale_tril @ e.unsqueeze(-1)).squeeze(-1)
+    return None
 
 
 def analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["child_seed", "numpy_rng", "resolve_seed", "seeded", "stream_seed", "torch_generator"]
+__all__ = ["child_seed", "datapoint_normal", "datapoint_seeds", "numpy_rng", "resolve_seed", "seeded",
+           "stream_seed", "torch_generator"]
 
 _MAX_TORCH_SEED = 2 ** 63  # torch.manual_seed takes [0, 2**64); stay inside the signed range for every backend
 
@@ -106,3 +107,69 @@ def seeded(seed: int | None, purpose: str, device: Any = None, *keys: int) -> It
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(value)
         yield
+
+
+# -- draws keyed by datapoint ---------------------------------------------------------------------------------------
+#: Keyed draws come in blocks of doubling size: block k holds draws j = 2^k - 1 .. 2^(k+1) - 2 of a datapoint (sizes
+#: 1, 2, 4, ...), each block from its own generator, so a run needing draws [a, b) reads the same numbers whatever
+#: its chunking, and one draw costs one small block (changing the scheme changes every keyed draw).
+def _block_of(j: int) -> int:
+    return (j + 1).bit_length() - 1
+
+
+_MASK63 = np.uint64(2 ** 63 - 1)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic): a
+    bijective mixer, so distinct counters give distinct, decorrelated seeds."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def datapoint_seeds(seed: int, purpose: str, index: Any, block: int = 0) -> np.ndarray:
+    """One 63-bit generator seed per datapoint index for the keyed stream (seed, purpose, index, block).
+
+    ``seed_i = splitmix64(splitmix64(base ^ splitmix64(i)) ^ block)`` with ``base = stream_seed(seed, purpose)``: a
+    counter-based derivation (the counter being the datapoint's index in the data set and the block number), so a
+    datapoint's draws do not depend on which batch, chunk or process evaluates it. ``seed`` must be an int here
+    (resolve ``None`` once per run with :func:`resolve_seed`, so all batches and ranks share it).
+    """
+    if seed is None:
+        raise TypeError("datapoint_seeds needs an int seed: resolve None once per run with resolve_seed(seed).")
+    idx = np.asarray(index, dtype=np.int64).reshape(-1)
+    if idx.size and int(idx.min()) < 0:
+        raise ValueError(f"index must hold datapoint indices >= 0; got {int(idx.min())}.")
+    base = np.uint64(stream_seed(seed, purpose))
+    mixed = _splitmix64(base ^ _splitmix64(idx.astype(np.uint64)))
+    return _splitmix64(mixed ^ np.uint64(block)) & _MASK63
+
+
+def datapoint_normal(seed: int, purpose: str, index: Any, count: int, shape: tuple[int, ...], *, start: int = 0,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard normal draws ``eps[j, b] = epsilon_{start + j}(index[b])``: (count, B, *shape) on the CPU.
+
+    Draws j = 2^k - 1 .. 2^(k+1) - 2 of datapoint i form block k of the stream (seed, purpose, i):
+    ``torch.randn((2^k, *shape), dtype=float64)`` from a CPU generator seeded by :func:`datapoint_seeds` (sizes
+    1, 2, 4, ...: one draw costs one small block, K draws log2(K) blocks). The numbers are therefore the same for
+    any batch size, batch composition, chunking of j, data order and number of processes, and on every device
+    (drawn on the CPU in float64, then cast to ``dtype``).
+    """
+    idx = np.asarray(index, dtype=np.int64).reshape(-1)
+    if count < 0 or start < 0:
+        raise ValueError(f"count and start must be >= 0; got count={count}, start={start}.")
+    if count == 0:
+        return torch.empty((0, idx.size, *shape), dtype=dtype)
+    first, last = _block_of(start), _block_of(start + count - 1)
+    lo = 2 ** first - 1                          # the first draw of block `first`
+    buf = torch.empty((idx.size, 2 ** (last + 1) - 1 - lo, *shape), dtype=torch.float64)
+    gen = torch.Generator()
+    for block in range(first, last + 1):
+        size, at = 2 ** block, 2 ** block - 1 - lo
+        for b, s in enumerate(datapoint_seeds(seed, purpose, idx, block).tolist()):
+            gen.manual_seed(s)
+            torch.randn((size, *shape), generator=gen, dtype=torch.float64, out=buf[b, at:at + size])
+    return buf[:, start - lo:start - lo + count].transpose(0, 1).to(dtype)

@@ -1,25 +1,21 @@
-"""Machinery shared by estimators: one pass over the data accumulating per-datapoint values, and summaries."""
+"""Machinery shared by estimators: the model argument and encoder checks, and summaries of per-datapoint values
+(the pass over the data itself is :mod:`latentdiag.estimators.fold`)."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch.distributions import Distribution
 
-from latentdiag._batching import DataLike, iter_batches
-from latentdiag._random import seeded
-from latentdiag._runtime import check_model_on, evaluation, resolve_device
-from latentdiag._validation import check_int, check_seed, clip_message
 from latentdiag.adapters.protocol import LatentVariableModel, require_scalar_prior, require_valid_distribution
-from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
+from latentdiag.errors import ProtocolViolationError
 
 __all__ = ["NonFiniteEstimateError", "check_model_arg", "encode_checked", "mean_and_stderr", "with_num_dims",
-           "per_datapoint_pass", "per_dim_extras", "ratio_of_sums"]
+           "per_dim_extras", "ratio_of_sums"]
 
 _LN2 = math.log(2.0)
 
@@ -28,95 +24,12 @@ class NonFiniteEstimateError(ArithmeticError):
     """A model produced NaN or infinite values where an estimator needs finite ones."""
 
 
-BatchFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
-
-
 def check_model_arg(model: Any) -> None:
     """Raise a TypeError naming the missing protocol methods of ``model``."""
     if not isinstance(model, LatentVariableModel):
         missing = [m for m in ("encode", "prior", "log_likelihood") if not callable(getattr(model, m, None))]
         raise TypeError(f"model must follow latentdiag.LatentVariableModel; {type(model).__name__} lacks "
                         f"{', '.join(m + '()' for m in missing)}.")
-
-
-def per_datapoint_pass(model: Any, data: DataLike, per_batch: BatchFn, *, estimator: str, batch_size: int,
-                       seed: int | None, device: Any, progress: bool = False
-                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run ``per_batch`` over every batch and concatenate its per-datapoint outputs in data order (float64).
-
-    The model is put in eval mode without gradients and torch's random state is seeded for the pass only.
-    Returns the columns and the run's provenance (device; dtype of the model's log-likelihoods, which are
-    reduced in float64). Raises :class:`NonFiniteEstimateError` naming the estimator, the
-    column and how many datapoints were affected when any value is NaN or infinite.
-    """
-    check_model_arg(model)
-    batch_size = check_int("batch_size", batch_size)
-    seed = check_seed("seed", seed, allow_none=True)
-    run_device = resolve_device(device, model)
-    if device is not None:
-        check_model_on(model, run_device)
-    columns: dict[str, list[torch.Tensor]] = {}
-    from tqdm.auto import tqdm
-
-    with evaluation(model), seeded(seed, PER_DATAPOINT, run_device):
-        batches = iter_batches(data, batch_size=batch_size, device=run_device)
-        for batch in tqdm(batches, desc=estimator, unit="batch", disable=not progress, leave=False):
-            try:
-                found = per_batch(batch.x)
-            except LatentdiagError:
-                raise
-            except Exception as err:  # noqa: BLE001 -- re-raised; renamed only when the data's dtype is the cause
-                mismatch = _dtype_mismatch(model, batch.x, err)
-                if mismatch is not None:
-                    raise InvalidDataError(mismatch) from err
-                invalid = _invalid_parameter(err)
-                if invalid is not None:
-                    raise ProtocolViolationError(invalid) from err
-                raise
-            for key, value in found.items():
-                columns.setdefault(key, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
-    out = {key: torch.cat(parts).numpy() for key, parts in columns.items()}
-    for key, values in out.items():
-        bad = int((~np.isfinite(values)).sum())
-        if bad:
-            raise NonFiniteEstimateError(f"{estimator}: {bad} of {values.size} datapoints gave a non-finite {key} "
-                                         "(NaN or inf); check the model's outputs on those datapoints "
-                                         "(latentdiag.check_model can help).")
-    return out, {"device": str(run_device), "dtype": model_dtype(model)}
-
-
-#: Purpose of the posterior draws of the per-datapoint pass: rate, distortion, ELBO, IW-NLL (and decoding) called
-#: with one seed see the same z, so ELBO = -(rate + distortion) holds for separate calls too.
-PER_DATAPOINT = "per_datapoint"
-_DTYPE_WORDS = ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16", "Long", "Byte", "Int")
-
-
-def _dtype_mismatch(model: Any, x: torch.Tensor, err: BaseException) -> str | None:
-    """Words for a model failure whose cause is the data's dtype (float64 data into a float32 model, integer
-    images into a float model), or None when the dtypes agree or the error does not speak of dtypes."""
-    wanted = model_dtype(model)
-    have = str(x.dtype).removeprefix("torch.")
-    if wanted == "unknown" or have == wanted:
-        return None
-    if x.is_floating_point() or any(w in str(err) for w in _DTYPE_WORDS):
-        if not any(w in str(err) for w in _DTYPE_WORDS):
-            return None
-        return (f"data: dtype {have} does not match the model's parameters ({wanted}); convert the data (e.g. "
-                f"x.to(torch.{wanted})) or the model before evaluating (the model raised "
-                f"{type(err).__name__}: {clip_message(str(err), 200)})")
-    return None
-
-
-def _invalid_parameter(err: BaseException) -> str | None:
-    """torch's own ``validate_args`` error (a distribution built from NaN parameters, say), without the tensor
-    dump that follows it (kilobytes of ``tensor([[nan, ...]])``); None for other errors."""
-    text = str(err)
-    if not isinstance(err, ValueError) or not text.startswith("Expected parameter "):
-        return None
-    head = text.split("but found invalid values")[0].strip().rstrip(",")
-    return (f"the model built a distribution with invalid parameters: {clip_message(head, 300)}, but found invalid "
-            "values (NaN, inf or out of range; the data are finite, so the model produced them: run "
-            "latentdiag.check_model(model, x) on a batch)")
 
 
 def model_dtype(model: Any) -> str:

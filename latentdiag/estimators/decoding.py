@@ -20,19 +20,12 @@ import torch
 
 from latentdiag._batching import DataLike, iter_batches
 from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
-from latentdiag._random import seeded, torch_generator
-from latentdiag._runtime import check_model_on, evaluation, model_device, resolve_device
+from latentdiag._random import torch_generator
+from latentdiag._runtime import evaluation, model_device
 from latentdiag._validation import check_int, check_seed
 from latentdiag.adapters.protocol import require_capability
-from latentdiag.estimators._common import (
-    PER_DATAPOINT,
-    NonFiniteEstimateError,
-    check_model_arg,
-    encode_checked,
-    mean_and_stderr,
-    model_dtype,
-    ratio_of_sums,
-)
+from latentdiag.estimators._common import NonFiniteEstimateError, check_model_arg, mean_and_stderr, ratio_of_sums
+from latentdiag.estimators.fold import Accumulator, BatchView, fold
 from latentdiag.results import Estimate
 
 __all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoded_examples", "js_divergence",
@@ -250,26 +243,10 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
                         f"{type(mask).__name__}.")
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
-    run_device = resolve_device(device, model)
-    if device is not None:
-        check_model_on(model, run_device)
-
-    parts: list[dict[str, torch.Tensor]] = []
-    offset = 0
-    from tqdm.auto import tqdm
-
-    with evaluation(model), seeded(seed, PER_DATAPOINT, run_device):
-        batches = iter_batches(data, batch_size=batch_size, device=run_device)
-        for batch in tqdm(batches, desc="decoding_divergence", unit="batch", disable=not progress, leave=False):
-            x = batch.x
-            valid = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-            if pad is not None:
-                valid &= x != pad
-            if mask is not None:
-                valid &= _batch_mask(mask, x, offset)
-            parts.append(_batch_metrics(model, x, valid, repeats))
-            offset += x.shape[0]
-
+    acc = DecodingAccumulator(repeats=repeats, decode_batch=batch_size, pad=pad, mask=mask)
+    fold(model, data, [acc], batch_size=batch_size, seed=seed, device=device, progress=progress,
+         desc="decoding_divergence")
+    parts = [{key: acc.value(key) for key in acc.states}]
     positions, cols = _assemble(parts)
     mask_np = cols.pop("mask")
     counted = mask_np.reshape(mask_np.shape[0], -1)
@@ -278,9 +255,8 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
         raise ValueError("no position counts: every position of every datapoint is padding or masked out.")
     keep = lengths > 0
 
-    run = {"device": str(run_device), "dtype": model_dtype(model)}
-    settings = {"repeats": repeats, "seed": seed, "batch_size": batch_size, "position_bins": position_bins,
-                "padding": pad_rule if mask is None else f"{pad_rule} and mask", **run}
+    settings = {"repeats": repeats, "seed": acc.run.seed, "batch_size": batch_size, "position_bins": position_bins,
+                "padding": pad_rule if mask is None else f"{pad_rule} and mask", **acc.run.settings()}
     dropped = int((~keep).sum())
     common_notes = (f"{dropped} datapoint(s) without any counted position were left out",) if dropped else ()
 
@@ -356,13 +332,59 @@ def _resolve_pad_index(model: Any, pad_index: Any) -> tuple[int | None, str]:
     return pad_index, f"pad_index={pad_index}"
 
 
-def _batch_mask(mask: Any, x: torch.Tensor, offset: int) -> torch.Tensor:
+class DecodingAccumulator(Accumulator):
+    """Per-position decoding metrics and their per-datapoint parts (:func:`decoding_divergence`'s state), from the
+    shared posterior draws and keyed prior draws; decodes ``decode_batch`` datapoints per decoder call (2 R codes
+    each) so that a fold's larger batches keep the decoder's memory bounded."""
+
+    name = "decoding_divergence"
+    states = {key: "cat" for key in ("mask", *METRICS, "js_between", "js_within", "accuracy_posterior",
+                                     "accuracy_prior", "disagreement_between", "disagreement_within")}
+
+    def __init__(self, *, repeats: int = 5, decode_batch: int = 32, pad: int | None = None, mask: Any = None) -> None:
+        super().__init__()
+        self.repeats = check_int("repeats", repeats, minimum=2)
+        self.decode_batch = check_int("decode_batch", decode_batch)
+        self.pad, self.mask = pad, mask
+
+    def check_batch(self, x: torch.Tensor) -> None:
+        if x.is_floating_point() and not bool((x == torch.round(x)).all()):
+            raise ValueError("decoding_divergence needs x of class indices (integers, e.g. token ids, grey levels or "
+                             "binary pixels); got non-integer values.")
+
+    def update(self, view: BatchView) -> None:
+        x, r = view.x, self.repeats
+        valid = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        if self.pad is not None:
+            valid &= x != self.pad
+        if self.mask is not None:
+            valid &= _batch_mask(self.mask, x, view.index)
+        z_q = view.posterior_draws(r)
+        z_p = view.prior_draws(r).to(z_q.dtype)
+        if tuple(z_p.shape) != tuple(z_q.shape):
+            raise ValueError(f"prior().sample((R, B)) gave shape {tuple(z_p.shape)}; expected {tuple(z_q.shape)} like "
+                             "encode(x).sample((R,)) (the prior must have batch_shape ()).")
+        for lo in range(0, view.batch, self.decode_batch):
+            part = slice(lo, lo + self.decode_batch)
+            out = _batch_metrics(view.model, x[part], valid[part], z_q[:, part], z_p[:, part], r)
+            for key, value in out.items():
+                self.add(key, value)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {key: self.value(key) for key in self.states}
+
+
+def _batch_mask(mask: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if callable(mask):
         out = mask(x)
         what = "mask(x)"
     else:
-        out = mask[offset:offset + x.shape[0]]
-        what = f"mask[{offset}:{offset + x.shape[0]}]"
+        first, last = int(index[0]), int(index[-1])
+        if last >= mask.shape[0]:
+            raise ValueError(f"mask has {mask.shape[0]} rows; the data have more datapoints (at least {last + 1}): "
+                             "it needs one row per datapoint, in data order.")
+        out = mask[index.to(mask.device)]
+        what = f"mask[{first}:{last + 1}]"
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{what} must be a bool tensor of the batch's shape {tuple(x.shape)} (one entry per "
@@ -370,18 +392,11 @@ def _batch_mask(mask: Any, x: torch.Tensor, offset: int) -> torch.Tensor:
     return out.to(device=x.device, dtype=torch.bool)
 
 
-def _batch_metrics(model: Any, x: torch.Tensor, valid: torch.Tensor, repeats: int) -> dict[str, torch.Tensor]:
-    """Per-position metrics (B, *positions) and per-datapoint parts (B,) of one batch."""
-    if x.is_floating_point() and not bool((x == torch.round(x)).all()):
-        raise ValueError("decoding_divergence needs x of class indices (integers, e.g. token ids, grey levels or "
-                         "binary pixels); got non-integer values.")
-    q, p = encode_checked(model, x)
+def _batch_metrics(model: Any, x: torch.Tensor, valid: torch.Tensor, z_q: torch.Tensor, z_p: torch.Tensor,
+                   repeats: int) -> dict[str, torch.Tensor]:
+    """Per-position metrics (B, *positions) and per-datapoint parts (B,) of one batch, from R posterior codes z_q
+    and R prior codes z_p, each (R, B, D)."""
     batch = x.shape[0]
-    z_q = q.sample((repeats,))
-    z_p = p.sample((repeats, batch)).to(z_q.dtype)
-    if tuple(z_p.shape) != tuple(z_q.shape):
-        raise ValueError(f"prior().sample((R, B)) gave shape {tuple(z_p.shape)}; expected {tuple(z_q.shape)} like "
-                         "encode(x).sample((R,)) (the prior must have batch_shape ()).")
     logits = model.decoder_logits(x, torch.cat([z_q, z_p], dim=0))
     codes = 2 * repeats
     if not isinstance(logits, torch.Tensor) or logits.ndim < 3 or tuple(logits.shape[:2]) != (codes, batch):

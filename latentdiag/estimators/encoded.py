@@ -12,12 +12,12 @@ from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike
 from latentdiag._random import seeded, torch_generator
-from latentdiag._distributions import diagonal_marginals, is_diagonal_normal, kl_divergence
+from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
 from latentdiag._validation import check_int
 from latentdiag.adapters.protocol import LatentVariableModel
-from latentdiag.estimators._common import encode_checked, per_datapoint_pass
+from latentdiag.estimators.fold import Accumulator, BatchView, fold
 
-__all__ = ["EncodedTable", "diag_normal_log_prob", "encode"]
+__all__ = ["EncodeAccumulator", "EncodedTable", "diag_normal_log_prob", "encode"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -132,6 +132,8 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
            device: Any = None, progress: bool = False) -> EncodedTable:
     """Encode every datapoint once and keep q(z|x_n) for all n (plus labels and the per-datapoint KL).
 
+    A one-accumulator :func:`~latentdiag.estimators.fold.fold` of :class:`EncodeAccumulator`.
+
     Parameters
     ----------
     model : LatentVariableModel
@@ -139,36 +141,69 @@ def encode(model: Any, data: DataLike, *, batch_size: int = 256, kl_samples: int
     batch_size : int
         Batch size for whole-data tensors and Datasets.
     kl_samples : int
-        Samples per datapoint for a Monte Carlo KL when torch ships no analytic KL for q and p.
+        Samples per datapoint for a Monte Carlo KL when torch ships no analytic KL for q and p (the shared
+        posterior draws: the same as :func:`latentdiag.rate`'s with ``mc_samples=kl_samples``).
     seed, device, progress
         As in :func:`latentdiag.rate`.
     """
-    kl_samples = check_int("kl_samples", kl_samples)
-    state: dict[str, Any] = {"family": None, "batches": [], "labels": [], "analytic": True, "prior": None}
+    acc = EncodeAccumulator(kl_samples=kl_samples)
+    fold(model, data, [acc], batch_size=batch_size, seed=seed, device=device, progress=progress, desc="encode")
+    return acc.compute()
 
-    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = encode_checked(model, x)
+
+class EncodeAccumulator(Accumulator):
+    """The :class:`EncodedTable` of the data: posterior parameters, means, labels and per-datapoint KL."""
+
+    name = "encode"
+    states = {"kl": "cat", "mean": "cat", "loc": "cat", "scale": "cat", "labels": "cat", "unlabelled": "sum",
+              "batches": "local"}
+
+    def __init__(self, *, kl_samples: int = 64) -> None:
+        super().__init__()
+        self.kl_samples = check_int("kl_samples", kl_samples)
+        self.family: str | None = None
+        self.analytic = True
+        self.prior: Distribution | None = None
+
+    def update(self, view: BatchView) -> None:
+        q, p = view.q, view.p
         family = "diag_normal" if is_diagonal_normal(q) else "generic"
-        if state["family"] not in (None, family):
+        if self.family not in (None, family):
             raise ValueError("model.encode returned different posterior families for different batches.")
-        state["family"], state["prior"] = family, p
-        kl, analytic = kl_divergence(q, p, samples=kl_samples, dtype=torch.float64)
-        state["analytic"] &= analytic
-        out = {"kl": kl, "mean": q.mean}
+        self.family, self.prior = family, p
+        kl, analytic = view.kl(self.kl_samples)
+        self.analytic &= analytic
+        self.add("kl", kl.to("cpu", torch.float64).reshape(-1))
+        self.add("mean", q.mean.to("cpu", torch.float64))
         if family == "diag_normal":
-            out["loc"], out["scale"] = diagonal_marginals(q)
+            loc, scale = diagonal_marginals(q)
+            self.add("loc", loc.to("cpu", torch.float64))
+            self.add("scale", scale.to("cpu", torch.float64))
         else:
-            state["batches"].append(q)
-        return out
+            self.add("batches", q)
+        if view.y is None:  # a placeholder row per datapoint; the table has labels only when every batch had them
+            self.add("unlabelled", torch.tensor([1.0], dtype=torch.float64))
+            self.add("labels", torch.zeros(view.batch, dtype=torch.int64))
+        else:
+            self.add("labels", view.y.detach().cpu())
 
-    cols, run = _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state)
-    d = cols["mean"].shape[0] // cols["kl"].shape[0]
-    as_table = {k: torch.from_numpy(cols[k]).reshape(-1, d) for k in ("mean", "loc", "scale") if k in cols}
-    labels = torch.cat(state["labels"]) if state["labels"] and all(y is not None for y in state["labels"]) else None
-    return EncodedTable(family=state["family"], means=as_table["mean"], prior=state["prior"], kl=cols["kl"],
-                        kl_method="analytic" if state["analytic"] else f"monte_carlo ({kl_samples} samples)",
-                        loc=as_table.get("loc"), scale=as_table.get("scale"), batches=tuple(state["batches"]),
-                        labels=labels, settings={"batch_size": batch_size, "seed": seed, **run})
+    def compute(self) -> EncodedTable:
+        kl = self.value("kl").numpy()
+        bad = int((~np.isfinite(kl)).sum())
+        if bad:
+            from latentdiag.estimators._common import NonFiniteEstimateError
+
+            raise NonFiniteEstimateError(f"encode: {bad} of {kl.size} datapoints gave a non-finite kl (NaN or inf); "
+                                         "check the model's outputs on those datapoints (latentdiag.check_model can "
+                                         "help).")
+        unlabelled = self.value("unlabelled")
+        labels = self.value("labels") if unlabelled is None else None
+        run = self.run
+        loc, scale = (self.value("loc"), self.value("scale")) if self.family == "diag_normal" else (None, None)
+        return EncodedTable(family=self.family, means=self.value("mean"), prior=self.prior, kl=kl,
+                            kl_method="analytic" if self.analytic else f"monte_carlo ({self.kl_samples} samples)",
+                            loc=loc, scale=scale, batches=tuple(self.value("batches")), labels=labels,
+                            settings={"batch_size": run.batch_size, "seed": run.seed, **run.settings()})
 
 
 def as_table(model_or_table: Any, data: DataLike | None, *, batch_size: int | None = None,
@@ -193,19 +228,6 @@ def as_table(model_or_table: Any, data: DataLike | None, *, batch_size: int | No
         raise ValueError("data is required when a model (not an EncodedTable) is given.")
     return encode(model_or_table, data, device=device, progress=progress, seed=seed,
                   **{k: v for k, v in options.items() if v is not None})
-
-
-def _encode_pass(model, data, per_batch, batch_size, seed, device, progress, state):
-    # labels ride along: wrap the data so that per_datapoint_pass's batches keep y for us
-    from latentdiag._batching import iter_batches
-
-    def with_labels():
-        for batch in iter_batches(data, batch_size=batch_size):
-            state["labels"].append(None if batch.y is None else batch.y.detach().cpu())
-            yield batch.x
-
-    return per_datapoint_pass(model, with_labels(), per_batch, estimator="encode", batch_size=batch_size, seed=seed,
-                              device=device, progress=progress)
 
 
 def diag_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

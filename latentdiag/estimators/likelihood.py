@@ -7,21 +7,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution
 
 from latentdiag._batching import DataLike
 from latentdiag._distributions import kl_divergence
 from latentdiag._validation import check_int, check_positive_float
-from latentdiag.estimators._common import (
-    encode_checked,
-    mean_and_stderr,
-    per_datapoint_pass,
-    per_dim_extras,
-    with_num_dims,
-)
+from latentdiag.estimators._common import mean_and_stderr, per_dim_extras, with_num_dims
+from latentdiag.estimators.fold import BatchView, ColumnsAccumulator, fold
 from latentdiag.results import Estimate
 
-__all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION"]
+__all__ = ["rate", "distortion", "elbo", "iw_nll", "LOW_ESS_FRACTION", "RateAccumulator", "DistortionAccumulator",
+           "ElboAccumulator", "IwNllAccumulator"]
 
 LOW_ESS_FRACTION = 0.05
 """``iw_nll`` flags ``low_ess`` when the median effective sample size is below this fraction of K (K > 20; the
@@ -36,8 +31,10 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
     """Rate R = E_data KL(q(z|x) || p(z)), in nats per datapoint.
 
     Uses the analytic KL where torch ships one for the posterior and prior types (torch's own rules, whatever
-    else was imported: :mod:`latentdiag._distributions`), else the Monte Carlo estimate (1/S) sum_s [log q(z_s|x) - log p(z_s)], z_s ~ q(z|x); the result
-    says which. Reference: Alemi et al., "Fixing a Broken ELBO" (2018).
+    else was imported: :mod:`latentdiag._distributions`), else the Monte Carlo estimate
+    (1/S) sum_s [log q(z_s|x) - log p(z_s)], z_s ~ q(z|x); the result says which. Reference: Alemi et al.,
+    "Fixing a Broken ELBO" (2018). A one-accumulator :func:`~latentdiag.estimators.fold.fold` of
+    :class:`RateAccumulator`.
 
     Parameters
     ----------
@@ -48,36 +45,13 @@ def rate(model: Any, data: DataLike, *, mc_samples: int = 64, batch_size: int = 
     batch_size : int
         Batch size used when ``data`` is a whole-data tensor or a Dataset.
     seed : int or None
-        Seed for the Monte Carlo samples (the caller's random state is left untouched).
+        Seed for the Monte Carlo samples, keyed by datapoint (the caller's random state is left untouched).
     device : str or torch.device, optional
         Where to run; default the model's device.
     progress : bool
         Show a progress bar on stderr.
     """
-    mc_samples = check_int("mc_samples", mc_samples)
-    analytic: list[bool] = []
-
-    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = encode_checked(model, x)
-        kl, exact = kl_divergence(q, p, samples=mc_samples, dtype=torch.float64)
-        analytic.append(exact)
-        return {"kl": kl}
-
-    cols, run = per_datapoint_pass(model, data, per_batch, estimator="rate", batch_size=batch_size, seed=seed,
-                                   device=device, progress=progress)
-    value, stderr = mean_and_stderr(cols["kl"])
-    exact = all(analytic)
-    if exact:
-        how, notes, flags = "analytic KL(q(z|x) || p(z)) from torch.distributions, averaged over data", (), ()
-    else:
-        how = f"Monte Carlo KL with {mc_samples} samples of q(z|x) per datapoint, averaged over data"
-        notes = (f"no analytic KL is registered in torch for this posterior and prior; Monte Carlo with "
-                 f"{mc_samples} samples per datapoint (unbiased; its noise is in the standard error)",)
-        flags = ("monte_carlo",)
-    return Estimate(name="rate", value=value, stderr=stderr, n=cols["kl"].size, unit="nats", estimator=how,
-                    settings={"kl": "analytic" if exact else "monte_carlo", "mc_samples": mc_samples,
-                              "seed": seed, **run, "batch_size": batch_size},
-                    notes=notes, flags=flags, per_datapoint=cols["kl"])
+    return _one(model, data, RateAccumulator(mc_samples=mc_samples), batch_size, seed, device, progress)
 
 
 def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256, seed: int | None = 0,
@@ -87,21 +61,7 @@ def distortion(model: Any, data: DataLike, *, samples: int = 1, batch_size: int 
     Each datapoint's expectation is estimated with ``samples`` draws z ~ q(z|x). Reference: Alemi et al.,
     "Fixing a Broken ELBO" (2018). Bits/dim of D are in ``extra`` when the model offers ``num_dims``.
     """
-    samples = check_int("samples", samples)
-
-    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = encode_checked(model, x)[0].sample((samples,))
-        out = {"distortion": -_log_likelihood(model, x, z).mean(0)}
-        return with_num_dims(model, x, out)
-
-    cols, run = per_datapoint_pass(model, data, per_batch, estimator="distortion", batch_size=batch_size, seed=seed,
-                                   device=device, progress=progress)
-    value, stderr = mean_and_stderr(cols["distortion"])
-    return Estimate(name="distortion", value=value, stderr=stderr, n=cols["distortion"].size, unit="nats",
-                    estimator=f"-log p(x|z) averaged over {samples} sample(s) z ~ q(z|x) per datapoint and over data",
-                    settings={"samples": samples, "seed": seed, **run, "batch_size": batch_size},
-                    flags=("monte_carlo",), extra=per_dim_extras(cols["distortion"], cols.get("dims")),
-                    per_datapoint=cols["distortion"])
+    return _one(model, data, DistortionAccumulator(samples=samples), batch_size, seed, device, progress)
 
 
 def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256, seed: int | None = 0,
@@ -113,35 +73,109 @@ def elbo(model: Any, data: DataLike, *, samples: int = 1, batch_size: int = 256,
     ``extra`` holds the mean rate and distortion (ELBO = -(rate + distortion)) and, with ``num_dims``, the
     bits/dim of -ELBO. Reference: Kingma & Welling, "Auto-Encoding Variational Bayes" (2014).
     """
-    samples = check_int("samples", samples)
-    analytic: list[bool] = []
+    return _one(model, data, ElboAccumulator(samples=samples), batch_size, seed, device, progress)
 
-    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = encode_checked(model, x)
-        z = q.sample((samples,))
-        ll = _log_likelihood(model, x, z).mean(0)
-        kl, exact = kl_divergence(q, p, z=z, dtype=torch.float64)  # Monte Carlo from the same samples
-        analytic.append(exact)
-        out = {"elbo": ll - kl, "kl": kl, "distortion": -ll}
-        return with_num_dims(model, x, out)
 
-    cols, run = per_datapoint_pass(model, data, per_batch, estimator="elbo", batch_size=batch_size, seed=seed,
-                                   device=device, progress=progress)
-    value, stderr = mean_and_stderr(cols["elbo"])
-    exact = all(analytic)
-    (rate_mean, rate_se), (dist_mean, dist_se) = mean_and_stderr(cols["kl"]), mean_and_stderr(cols["distortion"])
-    extra = {"rate": rate_mean, "rate_stderr": rate_se, "distortion": dist_mean, "distortion_stderr": dist_se}
-    extra.update(per_dim_extras(-cols["elbo"], cols.get("dims"), prefix="negative_elbo_"))
-    notes = ("a lower bound on log p(x): -ELBO is an upper bound on the NLL, not the NLL",)
-    if not exact:
-        notes += (f"KL estimated by Monte Carlo from the {samples} sample(s) per datapoint (no analytic KL "
-                  "registered in torch)",)
-    return Estimate(name="elbo", value=value, stderr=stderr, n=cols["elbo"].size, unit="nats",
-                    estimator=f"E_q log p(x|z) with {samples} sample(s) per datapoint minus "
-                              f"{'analytic' if exact else 'Monte Carlo'} KL(q(z|x) || p(z))",
-                    settings={"samples": samples, "kl": "analytic" if exact else "monte_carlo", "seed": seed,
-                              **run, "batch_size": batch_size},
-                    notes=notes, flags=("bound", "monte_carlo"), extra=extra, per_datapoint=cols["elbo"])
+def _one(model, data, acc, batch_size, seed, device, progress):
+    fold(model, data, [acc], batch_size=batch_size, seed=seed, device=device, progress=progress, desc=acc.name)
+    return acc.compute()
+
+
+def _run_settings(acc: ColumnsAccumulator) -> dict[str, Any]:
+    run = acc.run
+    return {"seed": run.seed, **run.settings(), "batch_size": run.batch_size}
+
+
+class RateAccumulator(ColumnsAccumulator):
+    """KL(q(z|x) || p(z)) per datapoint (analytic, else Monte Carlo over the shared posterior draws); computes the
+    :func:`rate` estimate."""
+
+    name = "rate"
+    states = {"kl": "cat"}
+
+    def __init__(self, *, mc_samples: int = 64) -> None:
+        super().__init__()
+        self.mc_samples = check_int("mc_samples", mc_samples)
+        self.analytic = True
+
+    def columns(self, view: BatchView) -> dict[str, torch.Tensor]:
+        kl, exact = view.kl(self.mc_samples)
+        self.analytic &= exact
+        return {"kl": kl}
+
+    def result(self, cols: dict[str, np.ndarray]) -> Estimate:
+        value, stderr = mean_and_stderr(cols["kl"])
+        exact, s = self.analytic, self.mc_samples
+        if exact:
+            how, notes, flags = "analytic KL(q(z|x) || p(z)) from torch.distributions, averaged over data", (), ()
+        else:
+            how = f"Monte Carlo KL with {s} samples of q(z|x) per datapoint, averaged over data"
+            notes = (f"no analytic KL is registered in torch for this posterior and prior; Monte Carlo with "
+                     f"{s} samples per datapoint (unbiased; its noise is in the standard error)",)
+            flags = ("monte_carlo",)
+        return Estimate(name="rate", value=value, stderr=stderr, n=cols["kl"].size, unit="nats", estimator=how,
+                        settings={"kl": "analytic" if exact else "monte_carlo", "mc_samples": s,
+                                  **_run_settings(self)},
+                        notes=notes, flags=flags, per_datapoint=cols["kl"])
+
+
+class DistortionAccumulator(ColumnsAccumulator):
+    """-E_q log p(x|z) per datapoint over the first ``samples`` shared posterior draws; computes :func:`distortion`."""
+
+    name = "distortion"
+    states = {"distortion": "cat", "dims": "cat"}
+
+    def __init__(self, *, samples: int = 1) -> None:
+        super().__init__()
+        self.samples = check_int("samples", samples)
+
+    def columns(self, view: BatchView) -> dict[str, torch.Tensor]:
+        z = view.posterior_draws(self.samples)
+        return with_num_dims(view.model, view.x, {"distortion": -_log_likelihood(view.model, view.x, z).mean(0)})
+
+    def result(self, cols: dict[str, np.ndarray]) -> Estimate:
+        value, stderr = mean_and_stderr(cols["distortion"])
+        s = self.samples
+        return Estimate(name="distortion", value=value, stderr=stderr, n=cols["distortion"].size, unit="nats",
+                        estimator=f"-log p(x|z) averaged over {s} sample(s) z ~ q(z|x) per datapoint and over data",
+                        settings={"samples": s, **_run_settings(self)},
+                        flags=("monte_carlo",), extra=per_dim_extras(cols["distortion"], cols.get("dims")),
+                        per_datapoint=cols["distortion"])
+
+
+class ElboAccumulator(ColumnsAccumulator):
+    """log p(x|z) - KL per datapoint (the same draws as :class:`DistortionAccumulator`); computes :func:`elbo`."""
+
+    name = "elbo"
+    states = {"elbo": "cat", "kl": "cat", "distortion": "cat", "dims": "cat"}
+
+    def __init__(self, *, samples: int = 1) -> None:
+        super().__init__()
+        self.samples = check_int("samples", samples)
+        self.analytic = True
+
+    def columns(self, view: BatchView) -> dict[str, torch.Tensor]:
+        z = view.posterior_draws(self.samples)
+        ll = _log_likelihood(view.model, view.x, z).mean(0)
+        kl, exact = kl_divergence(view.q, view.p, z=z, dtype=torch.float64)  # Monte Carlo from the same samples
+        self.analytic &= exact
+        return with_num_dims(view.model, view.x, {"elbo": ll - kl, "kl": kl, "distortion": -ll})
+
+    def result(self, cols: dict[str, np.ndarray]) -> Estimate:
+        value, stderr = mean_and_stderr(cols["elbo"])
+        exact, s = self.analytic, self.samples
+        (rate_mean, rate_se), (dist_mean, dist_se) = mean_and_stderr(cols["kl"]), mean_and_stderr(cols["distortion"])
+        extra = {"rate": rate_mean, "rate_stderr": rate_se, "distortion": dist_mean, "distortion_stderr": dist_se}
+        extra.update(per_dim_extras(-cols["elbo"], cols.get("dims"), prefix="negative_elbo_"))
+        notes = ("a lower bound on log p(x): -ELBO is an upper bound on the NLL, not the NLL",)
+        if not exact:
+            notes += (f"KL estimated by Monte Carlo from the {s} sample(s) per datapoint (no analytic KL "
+                      "registered in torch)",)
+        return Estimate(name="elbo", value=value, stderr=stderr, n=cols["elbo"].size, unit="nats",
+                        estimator=f"E_q log p(x|z) with {s} sample(s) per datapoint minus "
+                                  f"{'analytic' if exact else 'Monte Carlo'} KL(q(z|x) || p(z))",
+                        settings={"samples": s, "kl": "analytic" if exact else "monte_carlo", **_run_settings(self)},
+                        notes=notes, flags=("bound", "monte_carlo"), extra=extra, per_datapoint=cols["elbo"])
 
 
 def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None = None,
@@ -153,7 +187,8 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     -log p(x) that decreases with K; K = 1 gives -ELBO (with the KL by Monte Carlo). Each batch is encoded once;
     its K samples go through the decoder in chunks of C samples (C x B latent codes per call, C from
     ``chunk_size`` or the memory budget), and the log-weights are reduced with log-sum-exp in float64, the
-    normaliser being the number of samples actually drawn (exactly K).
+    normaliser being the number of samples actually drawn (exactly K). Sample k of a datapoint is the same for
+    every chunk size (draws keyed by datapoint and sample number).
 
     The effective sample size of each datapoint's weights, ESS = (sum w)^2 / sum w^2 in [1, K], is in ``extra``;
     a median ESS below ``LOW_ESS_FRACTION`` * K flags ``low_ess`` (a loose bound whose Monte Carlo error the
@@ -175,60 +210,71 @@ def iw_nll(model: Any, data: DataLike, *, k: int = 1000, chunk_size: int | None 
     batch_size, seed, device, progress
         As in :func:`rate`.
     """
-    k = check_int("k", k)
-    if chunk_size is not None:
-        chunk_size = check_int("chunk_size", chunk_size)
-    budget = check_positive_float("memory_budget_mb", memory_budget_mb) * 2 ** 20
-    planned = [0]  # the chunk size C in force (at most k), the largest over batches
-    cost: dict[str, Any] = {}  # bytes per latent code and how they were found (measured once, on CUDA)
+    acc = IwNllAccumulator(k=k, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb)
+    return _one(model, data, acc, batch_size, seed, device, progress)
 
-    def per_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, p = encode_checked(model, x)
+
+class IwNllAccumulator(ColumnsAccumulator):
+    """The importance-weighted bound per datapoint (and its ESS); computes :func:`iw_nll`."""
+
+    name = "iw_nll"
+    states = {"nll": "cat", "ess": "cat", "dims": "cat"}
+
+    def __init__(self, *, k: int = 1000, chunk_size: int | None = None, memory_budget_mb: float = 1024.0) -> None:
+        super().__init__()
+        self.k = check_int("k", k)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size)
+        self.budget = check_positive_float("memory_budget_mb", memory_budget_mb) * 2 ** 20
+        self.planned = 0  # the chunk size C in force (at most k), the largest over batches
+        self.cost: dict[str, Any] = {}  # bytes per latent code and how they were found (measured once, on CUDA)
+
+    def columns(self, view: BatchView) -> dict[str, torch.Tensor]:
+        model, x, q, p, k = view.model, view.x, view.q, view.p, self.k
         log_sum = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
         log_sum_sq = log_sum.clone()
         drawn = 0
-        chunk = chunk_size
-        if chunk is None and "bytes" not in cost and x.device.type != "cuda":
-            cost["bytes"], cost["rule"] = _assumed_bytes_per_code(x)
+        chunk = self.chunk_size
+        if chunk is None and "bytes" not in self.cost and x.device.type != "cuda":
+            self.cost["bytes"], self.cost["rule"] = _assumed_bytes_per_code(x)
         while drawn < k:
-            probe = chunk is None and "bytes" not in cost
+            probe = chunk is None and "bytes" not in self.cost
             if probe:  # CUDA: one sample measures the memory a code costs; it counts towards the k
                 step, base = 1, _start_peak(x.device)
             else:
-                chunk = chunk or max(1, int(budget // (cost["bytes"] * x.shape[0])))
+                chunk = chunk or max(1, int(self.budget // (self.cost["bytes"] * x.shape[0])))
                 step = min(chunk, k - drawn)
-                planned[0] = max(planned[0], min(chunk, k))
-            log_w = _log_weights(model, q, p, x, step)
+                self.planned = max(self.planned, min(chunk, k))
+            z = view.posterior_draws(step, start=drawn)
+            log_w = _log_likelihood(model, x, z) + p.log_prob(z).to(torch.float64) - q.log_prob(z).to(torch.float64)
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2 * log_w, dim=0))
             drawn += step
             if probe:
-                cost["bytes"], cost["rule"] = _measured_bytes_per_code(x, base)
+                self.cost["bytes"], self.cost["rule"] = _measured_bytes_per_code(x, base)
         out = {"nll": -(log_sum - math.log(drawn)), "ess": torch.exp(2 * log_sum - log_sum_sq)}
         return with_num_dims(model, x, out)
 
-    cols, run = per_datapoint_pass(model, data, per_batch, estimator="iw_nll", batch_size=batch_size, seed=seed,
-                                   device=device, progress=progress)
-    value, stderr = mean_and_stderr(cols["nll"])
-    ess = cols["ess"]
-    extra = {"ess_mean": float(ess.mean()), "ess_median": float(np.median(ess)), "ess_min": float(ess.min()),
-             "ess_fraction_median": float(np.median(ess) / k)}
-    extra.update(per_dim_extras(cols["nll"], cols.get("dims")))
-    notes = ["an upper bound on -log p(x) in expectation, tightening as k grows (Burda et al. 2016); "
-             "k = 1 is -ELBO"]
-    flags = ["bound", "monte_carlo"]
-    if k > 20 and np.median(ess) < LOW_ESS_FRACTION * k:
-        flags.append("low_ess")
-        notes.append(f"median effective sample size {np.median(ess):.1f} of k = {k}: few samples dominate the "
-                     "importance weights, so the bound is loose and its Monte Carlo error may be understated")
-    rule = "given" if chunk_size is not None else cost["rule"]
-    return Estimate(name="iw_nll", value=value, stderr=stderr, n=cols["nll"].size, unit="nats",
-                    estimator=f"importance-weighted bound with k = {k} samples of q(z|x) per datapoint, "
-                              "float64 log-sum-exp",
-                    settings={"k": k, "chunk_size": planned[0] or 1,
-                              "chunk_rule": rule, "memory_budget_mb": budget / 2 ** 20, "seed": seed,
-                              **run, "batch_size": batch_size},
-                    notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
+    def result(self, cols: dict[str, np.ndarray]) -> Estimate:
+        k = self.k
+        value, stderr = mean_and_stderr(cols["nll"])
+        ess = cols["ess"]
+        extra = {"ess_mean": float(ess.mean()), "ess_median": float(np.median(ess)), "ess_min": float(ess.min()),
+                 "ess_fraction_median": float(np.median(ess) / k)}
+        extra.update(per_dim_extras(cols["nll"], cols.get("dims")))
+        notes = ["an upper bound on -log p(x) in expectation, tightening as k grows (Burda et al. 2016); "
+                 "k = 1 is -ELBO"]
+        flags = ["bound", "monte_carlo"]
+        if k > 20 and np.median(ess) < LOW_ESS_FRACTION * k:
+            flags.append("low_ess")
+            notes.append(f"median effective sample size {np.median(ess):.1f} of k = {k}: few samples dominate the "
+                         "importance weights, so the bound is loose and its Monte Carlo error may be understated")
+        rule = "given" if self.chunk_size is not None else self.cost.get("rule", "memory budget")
+        return Estimate(name="iw_nll", value=value, stderr=stderr, n=cols["nll"].size, unit="nats",
+                        estimator=f"importance-weighted bound with k = {k} samples of q(z|x) per datapoint, "
+                                  "float64 log-sum-exp",
+                        settings={"k": k, "chunk_size": self.planned or 1, "chunk_rule": rule,
+                                  "memory_budget_mb": self.budget / 2 ** 20, **_run_settings(self)},
+                        notes=tuple(notes), flags=tuple(flags), extra=extra, per_datapoint=cols["nll"])
 
 
 def _log_likelihood(model: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -238,12 +284,6 @@ def _log_likelihood(model: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tenso
         raise ValueError(f"model.log_likelihood(x, z) must return shape {tuple(z.shape[:2])} for z of shape "
                          f"{tuple(z.shape)}; got {got}. Run latentdiag.check_model(model, x) for details.")
     return ll.to(torch.float64)
-
-
-def _log_weights(model: Any, q: Distribution, p: Distribution, x: torch.Tensor, samples: int) -> torch.Tensor:
-    """log p(x|z) + log p(z) - log q(z|x) for ``samples`` draws per datapoint, float64, shape (samples, B)."""
-    z = q.sample((samples,))
-    return _log_likelihood(model, x, z) + p.log_prob(z).to(torch.float64) - q.log_prob(z).to(torch.float64)
 
 
 def _start_peak(device: torch.device) -> int:

@@ -1,0 +1,240 @@
+"""The fold: one encoder call per batch for many accumulators, draws keyed by datapoint (results independent of
+batch size, chunking and the number of processes), and a real 2-process gloo group giving the one-process
+numbers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import multiprocessing
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from helpers import MVNPriorModel
+from test_decoding import TokenModel, _sentences
+
+import latentdiag as ld
+from latentdiag._random import datapoint_normal
+from latentdiag.estimators.decoding import DecodingAccumulator
+from latentdiag.estimators.encoded import EncodeAccumulator
+from latentdiag.estimators.fold import fold
+from latentdiag.estimators.likelihood import (
+    DistortionAccumulator,
+    ElboAccumulator,
+    IwNllAccumulator,
+    RateAccumulator,
+)
+from latentdiag.testing import LinearGaussianModel
+
+
+class EncodeCounter(torch.nn.Module):
+    """Counts encoder calls and the datapoints they saw."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.rows = inner, 0, 0
+
+    def encode(self, x):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.inner.encode(x)
+
+    def prior(self):
+        return self.inner.prior()
+
+    def log_likelihood(self, x, z):
+        return self.inner.log_likelihood(x, z)
+
+
+def _model_and_data(n: int = 60):
+    lg = LinearGaussianModel.random(5, 3, seed=1, posterior="mean_field")
+    return MVNPriorModel(lg), lg.sample(n, generator=torch.Generator().manual_seed(2))  # Monte Carlo KL
+
+
+def _all(model, x, batch_size, seed=0):
+    accs = [RateAccumulator(mc_samples=5), DistortionAccumulator(samples=3), ElboAccumulator(samples=3),
+            IwNllAccumulator(k=70, chunk_size=9), EncodeAccumulator(kl_samples=5)]
+    run = fold(model, x, accs, batch_size=batch_size, seed=seed)
+    return run, [a.compute() for a in accs]
+
+
+# -- keyed draws ---------------------------------------------------------------------------------------------------
+
+def test_keyed_draws_do_not_depend_on_chunking_order_or_batch():
+    full = datapoint_normal(3, "posterior", [0, 1, 2, 3, 4], 200, (2,))
+    chunks = torch.cat([datapoint_normal(3, "posterior", [4, 2, 0, 3, 1], c, (2,), start=s)
+                        for s, c in ((0, 1), (1, 6), (7, 57), (64, 136))])
+    assert torch.equal(chunks, full[:, [4, 2, 0, 3, 1]])
+    assert torch.equal(datapoint_normal(3, "posterior", [3], 200, (2,)), full[:, [3]])
+    assert not torch.equal(datapoint_normal(3, "prior", [0], 5, (2,)), full[:5, [0]])      # purposes differ
+    assert not torch.equal(datapoint_normal(4, "posterior", [0], 5, (2,)), full[:5, [0]])  # seeds differ
+
+
+def test_keyed_draws_are_standard_normal():
+    from scipy import stats
+
+    eps = datapoint_normal(0, "posterior", range(400), 50, (3,)).reshape(-1).numpy()
+    assert stats.kstest(eps, "norm").pvalue > 1e-3
+    # neighbouring datapoints and draws are uncorrelated (a counter-based stream, not seed + i)
+    e = datapoint_normal(0, "posterior", range(2000), 2, (1,))[:, :, 0]
+    assert abs(np.corrcoef(e[0, :-1], e[0, 1:])[0, 1]) < 4 / math.sqrt(2000)
+    assert abs(np.corrcoef(e[0], e[1])[0, 1]) < 4 / math.sqrt(2000)
+
+
+# -- one pass, many accumulators -----------------------------------------------------------------------------------
+
+def test_one_encoder_call_per_batch_for_all_accumulators_and_the_same_numbers_as_separate_calls():
+    inner, x = _model_and_data(60)
+    model = EncodeCounter(inner)
+    run, (rate, dist, elbo, iw, table) = _all(model, x, 16)
+    assert model.calls == run.encoder_calls == 4 and model.rows == 60        # ceil(60 / 16) batches, each once
+    assert (rate.settings["kl"], elbo.settings["kl"]) == ("monte_carlo", "monte_carlo")
+    # the public functions are one-accumulator folds: the same numbers
+    assert ld.rate(inner, x, mc_samples=5, batch_size=16).value == rate.value
+    assert ld.distortion(inner, x, samples=3, batch_size=16).value == dist.value
+    assert ld.elbo(inner, x, samples=3, batch_size=16).value == elbo.value
+    assert ld.iw_nll(inner, x, k=70, chunk_size=9, batch_size=16).value == iw.value
+    np.testing.assert_array_equal(ld.encode(inner, x, kl_samples=5, batch_size=16).kl, table.kl)
+    # shared draws: the table's Monte Carlo KL is the rate's, the ELBO is -(its KL + the distortion)
+    np.testing.assert_array_equal(table.kl, rate.per_datapoint)
+    assert elbo.value == pytest.approx(-(elbo.extra["rate"] + dist.value), rel=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_results_do_not_depend_on_the_batch_size(batch_size):
+    model, x = _model_and_data(40)
+    _, ref = _all(model, x, 40)
+    _, got = _all(model, x, batch_size)
+    for a, b in zip(ref[:4], got[:4]):
+        np.testing.assert_allclose(b.per_datapoint, a.per_datapoint, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[4].kl, ref[4].kl, rtol=1e-12)
+    assert torch.allclose(got[4].loc, ref[4].loc, rtol=1e-12)
+
+
+def test_iw_nll_does_not_depend_on_the_chunk_size():
+    model, x = _model_and_data(20)
+    ref = ld.iw_nll(model, x, k=130, chunk_size=130).per_datapoint
+    for chunk in (1, 7, 64):
+        np.testing.assert_allclose(ld.iw_nll(model, x, k=130, chunk_size=chunk).per_datapoint, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_decoding_divergence_does_not_depend_on_the_batch_size(batch_size):
+    x = _sentences(30)
+    model = TokenModel(read=2)
+    ref = ld.decoding_divergence(model, x, repeats=3, batch_size=30)
+    got = ld.decoding_divergence(model, x, repeats=3, batch_size=batch_size)
+    for name in ("js", "accuracy_drop", "mode_shift"):
+        np.testing.assert_allclose(getattr(got, name).per_datapoint, getattr(ref, name).per_datapoint,
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_decoding_accumulator_decodes_in_its_own_smaller_batches():
+    x = _sentences(30)
+    model = TokenModel(read=2)
+    a, b = DecodingAccumulator(repeats=3, decode_batch=4), DecodingAccumulator(repeats=3, decode_batch=30)
+    fold(model, x, [a, b], batch_size=30)
+    np.testing.assert_allclose(a.compute()["js"], b.compute()["js"], rtol=1e-6, atol=1e-9)
+
+
+def test_seed_none_is_fresh_per_run_and_shared_within_one():
+    model, x = _model_and_data(30)
+    runs = [_all(model, x, 8, seed=None) for _ in range(2)]
+    assert runs[0][0].seed != runs[1][0].seed
+    assert runs[0][1][0].value != runs[1][1][0].value
+    for run, (rate, dist, elbo, _, table) in runs:
+        np.testing.assert_array_equal(table.kl, rate.per_datapoint)         # one seed for every accumulator
+        assert rate.settings["seed"] == run.seed                             # recorded, so the run can be repeated
+    again = ld.rate(model, x, mc_samples=5, batch_size=8, seed=runs[0][0].seed)
+    assert again.value == runs[0][1][0].value
+
+
+def test_a_cat_state_with_the_wrong_number_of_rows_is_refused():
+    from latentdiag.estimators.fold import Accumulator
+
+    class Bad(Accumulator):
+        name = "bad"
+        states = {"v": "cat"}
+
+        def update(self, view):
+            self.add("v", torch.zeros(view.batch + 1))
+
+        def compute(self):
+            return None
+
+    model, x = _model_and_data(10)
+    with pytest.raises(ValueError, match="bad: state 'v' holds 11 rows for 10 datapoints"):
+        fold(model, x, [Bad()])
+
+
+# -- two processes -------------------------------------------------------------------------------------------------
+
+def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    rec: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=30))
+        torch.set_num_threads(1)
+        model, x = _model_and_data(37)                                  # 37 rows in batches of 8: 3 + 2 batches
+        run, (rate, dist_, elbo, iw, table) = _all(model, x, 8)
+        rec["run"] = [run.n, run.encoder_calls, run.world_size]
+        rec["values"] = [rate.value, dist_.value, elbo.value, iw.value, rate.stderr, iw.stderr]
+        rec["per_datapoint"] = [e.per_datapoint.tolist() for e in (rate, dist_, elbo, iw)]
+        rec["table_kl"] = table.kl.tolist()
+        rec["table_loc"] = table.loc.tolist()
+        rec["world_size_setting"] = rate.settings.get("world_size")
+        dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)
+        rec["decoding"] = dec.js.per_datapoint.tolist()
+        for key, call in {"data": lambda: fold(model, x[:30 + rank], [RateAccumulator()], batch_size=8),
+                          "model": lambda: fold(MVNPriorModel(LinearGaussianModel.random(5, 3, seed=rank, posterior="mean_field")), x,
+                                                [RateAccumulator()], batch_size=8)}.items():
+            try:
+                call()
+                rec[f"raised_{key}"] = None
+            except ValueError as err:
+                rec[f"raised_{key}"] = str(err)
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- reported to the parent
+        rec["error"] = traceback.format_exc()
+    with open(out, "w") as fh:
+        json.dump(rec, fh)
+
+
+def test_two_processes_give_the_one_process_numbers(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, init, outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} did not finish within 120 s"
+    recs = [json.loads(open(o).read()) for o in outs]
+    model, x = _model_and_data(37)
+    run, (rate, dist_, elbo, iw, table) = _all(model, x, 8)
+    dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)
+    for rank, rec in enumerate(recs):
+        assert "error" not in rec, f"rank {rank} failed:\n{rec['error']}"
+        assert rec["run"] == [37, 5, 2]                                  # all 5 batches encoded once, in total
+        np.testing.assert_allclose(rec["values"], [rate.value, dist_.value, elbo.value, iw.value, rate.stderr,
+                                                   iw.stderr], rtol=1e-6)
+        for got, est in zip(rec["per_datapoint"], (rate, dist_, elbo, iw)):
+            np.testing.assert_allclose(got, est.per_datapoint, rtol=1e-6)   # in data order
+        np.testing.assert_allclose(rec["table_kl"], table.kl, rtol=1e-6)
+        np.testing.assert_allclose(rec["table_loc"], table.loc.numpy(), rtol=1e-6)
+        assert rec["world_size_setting"] == 2 and "world_size" not in rate.settings
+        np.testing.assert_allclose(rec["decoding"], dec.js.per_datapoint, rtol=1e-6, atol=1e-9)
+        assert rec["raised_data"] and "data size (datapoints) differs" in rec["raised_data"]
+        assert rec["raised_model"] and "model (weights fingerprint) differs" in rec["raised_model"]
