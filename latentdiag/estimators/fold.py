@@ -101,11 +101,6 @@ class BatchView:
             return kl.to(torch.float64), True
         return kl_divergence(self.q, self.p, z=self.posterior_draws(samples), dtype=torch.float64)
 
-    def keyed(self, which: str = "posterior") -> bool:
-        """Whether the draws of ``which`` ("posterior" or "prior") are keyed by datapoint (location-scale family)."""
-        d = self.q if which == "posterior" else self.p
-        return from_standard_normal(d, torch.zeros(1, 1, self.latent_dim)) is not None
-
     def _draws(self, which: str, d: Distribution, count: int, start: int) -> torch.Tensor:
         cached = self._cache.get(which)
         if cached is not None and start + count <= cached.shape[0]:
