@@ -17,13 +17,16 @@ numbers. Three things keep the result the single-process one:
   were bit-identical to one process in every case tried (chunk sizes that are multiples of 64); elsewhere they
   agree within rounding (~1e-16 relative).
 
-Without a process group every function here is the single-process identity: the kernel runs once over all rows.
+Without a process group, or inside :func:`process_local`, every function here is the single-process identity: the
+kernel runs once over all rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,16 +35,37 @@ import torch
 from latentdiag._distributed import all_gather_cat, check_same_across_ranks, shard_indices, world
 from latentdiag._random import resolve_seed
 
-__all__ = ["ROW_ALIGN", "row_range", "rows_across_ranks", "agreed_seed", "digest", "max_across_ranks"]
+__all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_across_ranks", "agreed_seed", "digest",
+           "max_across_ranks"]
 
 ROW_ALIGN = 64
 """Shards of rows start at multiples of this many rows (see the module docstring)."""
 
+_LOCAL = contextvars.ContextVar("latentdiag_process_local", default=False)
+
+
+@contextlib.contextmanager
+def process_local() -> Iterator[None]:
+    """Inside: the pairwise estimators compute every row in this process and make no collective call, as without a
+    process group. For code that runs on one rank only, such as a rank-0 monitor during DDP training: a collective
+    reached by one rank waits for the others until the group's timeout."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def sharding_world(group: Any = None) -> tuple[int, int]:
+    """(rank, world_size) the pairwise estimators shard over: :func:`latentdiag._distributed.world` of ``group``,
+    or (0, 1) inside :func:`process_local`."""
+    return (0, 1) if _LOCAL.get() else world(group)
+
 
 def row_range(rows: int, rank: int, world_size: int) -> range:
     """The rows ``range(start, stop)`` of shard ``rank`` of ``world_size``: :func:`shard_indices` over groups of
-    :data:`ROW_ALIGN` rows, so shards differ by at most 64 rows, start at multiples of 64 and cover 0..rows-1 in
-    rank order."""
+    :data:`ROW_ALIGN` rows, so shards start at multiples of 64, cover 0..rows-1 in rank order and differ by fewer
+    than 2 x 64 rows (one group, and the last group's shortfall)."""
     units = shard_indices(-(-rows // ROW_ALIGN), rank, world_size)
     return range(min(units.start * ROW_ALIGN, rows), min(units.stop * ROW_ALIGN, rows))
 
@@ -52,7 +76,7 @@ def rows_across_ranks(kernel: Callable[[int, int], torch.Tensor], rows: int, *, 
     whose result holds rows start..stop along ``dim``, and the shards are concatenated along ``dim`` in rank order
     (:func:`latentdiag._distributed.all_gather_cat`). Every rank gets the whole result. Without a process group (or
     with one process): ``kernel(0, rows)`` itself, nothing copied."""
-    rank, size = world(group)
+    rank, size = sharding_world(group)
     if size == 1:
         return kernel(0, rows)
     mine = row_range(rows, rank, size)
@@ -66,7 +90,7 @@ def agreed_seed(seed: int | None, group: Any = None) -> int | None:
     group, one fresh seed drawn on rank 0 (:func:`latentdiag._random.resolve_seed`) and used by all ranks, since
     fresh entropy on each rank would give each rank its own samples. Without a process group: ``seed`` unchanged
     (``None`` stays fresh per call). Every rank must call it (one or two small collectives)."""
-    if world(group)[1] == 1:
+    if sharding_world(group)[1] == 1:
         return seed
     check_same_across_ranks("seed", seed, group)
     if seed is not None:
@@ -93,6 +117,6 @@ def digest(*arrays: torch.Tensor | np.ndarray | None) -> str:
 def max_across_ranks(value: float, group: Any = None) -> float:
     """The largest ``value`` over the ranks (``value`` without a process group): one number every rank agrees on,
     e.g. a timing that differs slightly per process."""
-    if world(group)[1] == 1:
+    if sharding_world(group)[1] == 1:
         return value
     return float(all_gather_cat(torch.tensor([value], dtype=torch.float64), group).max())
