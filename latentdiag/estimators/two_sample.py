@@ -443,8 +443,9 @@ def _mmd_row_sums(left: torch.Tensor, right: torch.Tensor, ind: torch.Tensor, co
     ``chunk_size``, column blocks ascending, a block left of the diagonal being the transpose of the pass's block
     above it. That block is computed whole and then cut to these rows: BLAS rounds a column of a product
     differently when it comes with other columns, but not a row in 64-row groups (see
-    :mod:`latentdiag.estimators._sharded`), so the rows' sums are the single process's, bit for bit on MKL. A shard
-    that starts or ends inside a grid block computes that block's left part whole (at most two blocks per rank).
+    :mod:`latentdiag.estimators._sharded`), so the rows' sums are the single process's, bit for bit on MKL. Where a
+    shard starts or ends inside a grid row block, that row block's blocks left of the diagonal are computed for
+    all its rows (extra kernel work for at most two row blocks per rank; the products stay these rows' only).
     """
     big = left.shape[0]
     out = torch.zeros((stop - start, ind.shape[1]), dtype=torch.float64, device=left.device)
