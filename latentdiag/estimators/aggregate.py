@@ -14,6 +14,7 @@ import torch
 from torch.distributions import Normal
 
 from latentdiag._batching import DataLike
+from latentdiag._distributed import check_same_across_ranks
 from latentdiag._distributions import analytic_kl, diagonal_marginals, is_diagonal_normal
 from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_int, check_positive_float, check_seed
@@ -21,6 +22,8 @@ from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
 from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
 from latentdiag._random import torch_generator
 from latentdiag.estimators.encoded import EncodedTable, as_table
+from latentdiag.estimators._sharded import (agreed_seed, digest, max_across_ranks, row_range, rows_across_ranks,
+                                             sharding_world)
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
@@ -94,6 +97,15 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
       log p(z_id)], with the marginals q(z_d) = (1/N) sum_j q(z_d|x_j) (Chen et al., "Isolating Sources of
       Disentanglement", 2018): marginal KL = TC + dimension-wise KL for a factorised prior.
 
+    Under ``torch.distributed`` (an initialised default process group, as ``torchrun`` gives) every rank must
+    pass the same table (or model and data) and options; this is checked on a digest (a mismatch is a ValueError
+    on every rank). Every rank draws all samples from one agreed seed, sums the rows (samples) of its shard
+    against all N datapoints, and the per-row sums are gathered, so every rank returns the same result, the
+    single-process one (bit-identical per-row sums at chunk sizes that are multiples of 64;
+    ``settings["world_size"]`` records the number of processes). Every rank must call it; code that runs on one
+    rank only (a rank-0 monitor) wraps the call in ``latentdiag.estimators._sharded.process_local()``, else it
+    waits for the other ranks.
+
     Standard errors come from per-datapoint terms (each datapoint's samples averaged first). With ``convergence``
     the same estimates are also made on nested random subsets N/8, N/4, N/2 of the same table and samples, at no
     extra pairwise cost (each subset's sums are prefix sums of the kernel's per-group sums); an estimate that moved
@@ -136,8 +148,14 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         Encoder options with a model (:func:`latentdiag.encode`; None: its default); omitted with a table.
     """
     seed = check_seed("seed", seed, allow_none=True)
+    proc, world_size = sharding_world()
+    seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
     table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
                      progress=progress, seed=seed)
+    if world_size > 1:  # before anything can raise on one rank only: a mismatch raises on every rank
+        check_same_across_ranks("encoded table and options of aggregate_posterior", (
+            _table_fingerprint(table), samples_per_point, saturation_margin, chunk_size, per_dim_chunk_size,
+            decompose, convergence, max_pairs))
     samples_per_point = check_int("samples_per_point", samples_per_point)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs)
@@ -162,13 +180,18 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     pairs = table.n * samples_per_point * table.n
     seconds = pairwise_seconds(table, samples_per_point, decompose=decompose, chunk_size=chunk_size,
                                per_dim_chunk_size=per_dim_chunk_size) if pairs > _CALIBRATE_ABOVE else None
+    if seconds is not None and world_size > 1:  # each rank does 1/W of the rows; all ranks state one figure
+        seconds = max_across_ranks(seconds) / world_size
     if seconds is not None and seconds > _WARN_SECONDS and max_pairs is None:
         warnings.warn(f"aggregate_posterior: N = {table.n:,} datapoints x {samples_per_point} sample(s) is "
                       f"{pairs:.3g} pairs of the quadratic kernel, estimated {_duration(seconds)} on this machine; "
                       f"pass max_pairs (e.g. {int(_WARN_SECONDS / seconds * pairs):.3g}, about a minute) to "
                       "bound it on a subsample", LongComputationWarning, stacklevel=2)
-    bar = _progress_bar(progress, table.n * samples_per_point * (2 if decompose else 1), table.n, seconds)
-    z, index, log_q_own = table.sample(samples_per_point, seed=seed)
+    rows = table.n * samples_per_point
+    # the bar counts this rank's rows (shown on rank 0 only)
+    bar = _progress_bar(progress and proc == 0, len(row_range(rows, proc, world_size)) * (2 if decompose else 1),
+                        table.n, seconds)
+    z, index, log_q_own = table.sample(samples_per_point, seed=seed)  # all rows on every rank; each uses its own
     sizes, skipped_convergence = (table.n,), None
     if convergence:
         sizes = nested_sizes(table.n)
@@ -176,8 +199,11 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             sizes, skipped_convergence = (table.n,), (f"the convergence table needs N >= 4 datapoints (subsets of "
                                                       f"at least 2); got N = {table.n}")
     groups, rank = nested_groups(table.n, sizes, seed) if len(sizes) > 1 else (None, None)
-    # per-group sums without the own term, then prefix sums: the leave-one-out sum of every nested subset
-    lse = logsumexp_log_q(z, table, chunk_size=chunk_size, exclude=index, groups=groups, on_chunk=bar.update)
+    # per-group sums without the own term, then prefix sums: the leave-one-out sum of every nested subset;
+    # under a process group each rank sums its rows (samples) over all datapoints and the rows are gathered
+    lse = rows_across_ranks(lambda i0, i1: logsumexp_log_q(z[i0:i1], table, chunk_size=chunk_size,
+                                                           exclude=index[i0:i1], groups=groups,
+                                                           on_chunk=bar.update), rows, dim=-1)
     loo = _prefix_logsumexp_(lse) if groups is not None else lse[None]
     log_p_dims = marginal_log_prob(table.prior, z)  # float64 when the prior factorises; else the prior's own
     if log_p_dims is not None:
@@ -208,7 +234,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
                 "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
                 "saturation_margin": margin, "mi_upper_from": meta["mi_upper_from"], "pairs": pairs,
                 "max_pairs": max_pairs, "subsampled": subsample is not None,
-                "pairwise_seconds_estimate": seconds,
+                "pairwise_seconds_estimate": seconds, "world_size": world_size,
                 **({"n_total": subsample["n_total"], "pairs_full": subsample["pairs_full"]} if subsample else {}),
                 **{k: v for k, v in table.settings.items() if k in ("device", "dtype")}}
     overall = dict(settings)  # a copy: the estimates hold ``settings`` and must not see it change
@@ -310,11 +336,20 @@ def _per_dim_marginals(table, z, log_p_dims, chunk, groups, on_chunk=None):
     if log_p_dims is None:
         return None, (f"the prior {type(table.prior).__name__} does not factorise over dimensions with known "
                       "one-dimensional marginals")
-    try:
-        per_group = logsumexp_log_q_per_dim(z, table, chunk_size=chunk, groups=groups, on_chunk=on_chunk)
+    try:  # rows (samples) split across the ranks of a process group, as for the pairwise sums
+        per_group = rows_across_ranks(lambda i0, i1: logsumexp_log_q_per_dim(
+            z[i0:i1], table, chunk_size=chunk, groups=groups, on_chunk=on_chunk), z.shape[0], dim=-2)
     except NotImplementedError as err:
         return None, str(err)
     return (_prefix_logsumexp_(per_group) if groups is not None else per_group[None]), None
+
+
+def _table_fingerprint(table: EncodedTable) -> tuple:
+    """What must agree across ranks for a sharded run to be the single-process one: sizes, family, prior kind and
+    a digest of the posterior parameters and per-datapoint KL (no copy of the table travels)."""
+    return (table.n, table.latent_dim, table.family, type(table.prior).__name__,
+            digest(table.means if table.loc is None else table.loc, table.scale,
+                   np.asarray(table.kl, dtype=np.float64)))
 
 
 def _prefix_logsumexp_(per_group: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, MultivariateNormal
 
+from latentdiag._distributed import check_same_across_ranks
 from latentdiag._distributions import is_diagonal_normal
 from latentdiag._random import numpy_rng, seeded, stream_seed
 from latentdiag._validation import check_choice, check_fraction, check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import prior_device_dtype
 from latentdiag._batching import DataLike
 from latentdiag.estimators.encoded import as_table
+from latentdiag.estimators._sharded import agreed_seed, digest, rows_across_ranks, sharding_world
 from latentdiag.results import Estimate
 
 __all__ = ["ks_test", "mmd_test", "mmd_aggregate_vs_prior"]
@@ -193,6 +195,18 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
       stderr = std(h) / sqrt(P), one-sided p-value from the normal approximation. Cheap, but it uses only 4P
       samples and has much less power.
 
+    Under ``torch.distributed`` (an initialised default process group) every rank must pass the same x, y and
+    options (checked on a digest: a mismatch is a ValueError on every rank). The median subsample and the
+    permutations are drawn whole on every rank from one agreed seed; for ``"quadratic"`` each rank accumulates
+    the kernel's row sums K [1 | indicators] of its shard of the pooled rows (the same block products, in the same
+    order, as those rows get in one process) and the row sums are gathered, so every rank returns the same
+    statistic, null, p-value and standard error as one process (bit-identical at chunk sizes that are multiples
+    of 64). Each rank evaluates its rows' kernel over the full width rather than the triangle: twice the
+    exponentials, the same number of the products with the indicators, which dominate with many permutations.
+    The linear estimator is O(N) and runs whole on every rank. ``settings["world_size"]`` records the number of
+    processes. Every rank must call it; code that runs on one rank only (a rank-0 monitor) wraps the call in
+    ``latentdiag.estimators._sharded.process_local()``, else it waits for the other ranks.
+
     Parameters
     ----------
     x, y : Tensor or array (n, D) and (m, D)
@@ -245,6 +259,11 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}.")
     seed = check_seed("seed", seed, allow_none=True)
+    world_size = sharding_world()[1]
+    seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
+    if world_size > 1:
+        check_same_across_ranks("samples and options of mmd_test", (
+            digest(xs, ys), estimator, bandwidths, permutations, chunk_size, median_subsample, str(dtype)))
 
     ys = ys.to(xs.device)
     n, m = xs.shape[0], ys.shape[0]
@@ -260,7 +279,8 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
         rule = "given"
     kernel = _KERNEL if len(bandwidths) == 1 else f"sum of {len(bandwidths)} kernels {_KERNEL}"
     settings: dict[str, Any] = {"estimator": estimator, "kernel": kernel, "bandwidth_rule": rule,
-                                "bandwidths": [float(b) for b in bandwidths], "n": n, "m": m}
+                                "bandwidths": [float(b) for b in bandwidths], "n": n, "m": m,
+                                "world_size": world_size}
     extra: dict[str, float] = {}
     if len(bandwidths) == 1:
         extra["bandwidth"] = float(bandwidths[0])
@@ -286,7 +306,7 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
 
     columns = _permutation_columns(n + m, n, permutations, numpy_rng(seed, _STREAM_PERMUTATIONS))
     stats, stderr = _mmd2_u_columns(pooled, columns, n, bandwidths, chunk_size=chunk_size, dtype=dtype,
-                                    with_stderr=True)
+                                    with_stderr=True, sharded=world_size > 1)
     value, null = float(stats[0]), stats[1:]
     pvalue = _permutation_pvalue(value, null, len(bandwidths))
     extra.update(pvalue=pvalue, permutations=float(permutations), null_mean=float(null.mean()),
@@ -317,7 +337,9 @@ def mmd_aggregate_vs_prior(model_or_table: Any, data: DataLike | None = None, *,
     z ~ q(z) by ancestral sampling (``samples_per_point`` draws of q(z|x_n) per datapoint), against
     ``prior_samples`` seeded draws of p(z) (default: as many as the q samples); then :func:`mmd_test`. Unlike
     :func:`ks_test` it also sees dependence between dimensions. Cost O(N^2 (D + permutations)) for the quadratic
-    estimator, N the total number of samples: subsample a large table (or use ``estimator="linear"``).
+    estimator, N the total number of samples: subsample a large table (or use ``estimator="linear"``). Under
+    ``torch.distributed`` every rank passes the same table and draws all samples alike; the quadratic statistic's
+    rows are split across the ranks as in :func:`mmd_test`.
 
     Parameters
     ----------
@@ -336,8 +358,14 @@ def mmd_aggregate_vs_prior(model_or_table: Any, data: DataLike | None = None, *,
         Encoder options with a model (:func:`latentdiag.encode`); omitted with a table.
     """
     seed = check_seed("seed", seed, allow_none=True)
+    seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
     table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
                      progress=progress, seed=seed)
+    if sharding_world()[1] > 1:  # the table first, so that a mismatch names it (mmd_test checks its samples too)
+        check_same_across_ranks("encoded table and options of mmd_aggregate_vs_prior", (
+            table.n, table.latent_dim, type(table.prior).__name__,
+            digest(table.means if table.loc is None else table.loc, table.scale), samples_per_point,
+            prior_samples))
     samples_per_point = check_int("samples_per_point", samples_per_point)
     z, _, _ = table.sample(samples_per_point, seed=stream_seed(seed, _STREAM_Q))
     count = z.shape[0] if prior_samples is None else check_int("prior_samples", prior_samples, minimum=2)
@@ -357,8 +385,8 @@ def mmd_aggregate_vs_prior(model_or_table: Any, data: DataLike | None = None, *,
 
 # -- MMD machinery ------------------------------------------------------------------------------------------------
 def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwidths: Sequence[float], *,
-                    chunk_size: int, dtype: torch.dtype = torch.float64, with_stderr: bool = False
-                    ) -> np.ndarray | tuple[np.ndarray, float]:
+                    chunk_size: int, dtype: torch.dtype = torch.float64, with_stderr: bool = False,
+                    sharded: bool = False, group: Any = None) -> np.ndarray | tuple[np.ndarray, float]:
     """MMD^2_u of every split given by the 0/1 columns of ``columns`` (N, C): a column marks the first sample.
 
     One streaming pass over (chunk x chunk) blocks of the symmetric kernel (upper triangle only) accumulates
@@ -367,8 +395,11 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
 
     ``with_stderr``: also the first-order U-statistic standard error of the first column's split (which must be
     the first ``n`` rows against the rest), from the row sums K 1 and K a (see :func:`mmd_test`).
+
+    ``sharded``: the rows of K @ [1 | columns] are split across the ranks of ``group`` (:func:`_mmd_row_sums` on
+    each shard, gathered in rank order); every rank needs the same inputs and gets the same result.
     """
-    big, m = pooled.shape[0], pooled.shape[0] - n
+    big = pooled.shape[0]
     device = pooled.device
     # squared distances as one matrix product of augmented rows: [a, |a|^2, 1] . [-2 b, 1, |b|^2] = |a - b|^2;
     # with a single kernel the right factor also carries -1 / (2 h^2), so a block product is the kernel's exponent
@@ -382,6 +413,10 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
         right = right * coefs[0]
     indicators = torch.cat([torch.ones(big, 1, dtype=torch.float64), columns], 1).to(device)
     ind = indicators.to(dtype)
+    if sharded:
+        acc = rows_across_ranks(lambda r0, r1: _mmd_row_sums(left, right, ind, coefs, r0, r1, chunk_size),
+                                big, group=group)
+        return _mmd2_u_from_row_sums(acc, indicators, n, len(bandwidths), with_stderr)
     acc = torch.zeros_like(indicators)  # K @ indicators, float64
     for i0 in range(0, big, chunk_size):
         i1 = min(big, i0 + chunk_size)
@@ -396,13 +431,53 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
                 acc[i0:i1] += (k @ ind[j0:j1]).to(torch.float64)
                 if j0 != i0:
                     acc[j0:j1] += (k.T @ ind[i0:i1]).to(torch.float64)
+    return _mmd2_u_from_row_sums(acc, indicators, n, len(bandwidths), with_stderr)
+
+
+def _mmd_row_sums(left: torch.Tensor, right: torch.Tensor, ind: torch.Tensor, coefs: Sequence[float], start: int,
+                  stop: int, chunk_size: int) -> torch.Tensor:
+    """Rows start..stop of K @ ``ind`` in float64 (K the kernel of the augmented rows of :func:`_mmd2_u_columns`):
+    the row-range kernel of a sharded run, memory O(chunk^2 + rows x C).
+
+    Each row gets the block products of the single-process pass, in its order: blocks on the grid of
+    ``chunk_size``, column blocks ascending, a block left of the diagonal being the transpose of the pass's block
+    above it. That block is computed whole and then cut to these rows: BLAS rounds a column of a product
+    differently when it comes with other columns, but not a row in 64-row groups (see
+    :mod:`latentdiag.estimators._sharded`), so the rows' sums are the single process's, bit for bit on MKL. Where a
+    shard starts or ends inside a grid row block, that row block's blocks left of the diagonal are computed for
+    all its rows (extra kernel work for at most two row blocks per rank; the products stay these rows' only).
+    """
+    big = left.shape[0]
+    out = torch.zeros((stop - start, ind.shape[1]), dtype=torch.float64, device=left.device)
+    full = ind.dtype == torch.float64
+    for g0 in range(start - start % chunk_size, stop, chunk_size):  # the grid's row blocks that meet start..stop
+        g1 = min(g0 + chunk_size, big)
+        i0, i1 = max(g0, start), min(g1, stop)
+        rows = out[i0 - start:i1 - start]
+        for j0 in range(0, big, chunk_size):
+            j1 = min(big, j0 + chunk_size)
+            if j0 < g0:  # below the diagonal: the pass computed block (j, g) and added its transpose to these rows
+                k = _kernel_block(left[j0:j1], right[g0:g1], coefs, diagonal=False).T[i0 - g0:i1 - g0]
+            else:        # on or above it; on it, row i meets its own point at column i, offset i0 - j0
+                k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=j0 == g0, offset=i0 - j0)
+            if full:
+                rows.addmm_(k, ind[j0:j1])
+            else:
+                rows += (k @ ind[j0:j1]).to(torch.float64)
+    return out
+
+
+def _mmd2_u_from_row_sums(acc: torch.Tensor, indicators: torch.Tensor, n: int, kernels: int, with_stderr: bool
+                          ) -> np.ndarray | tuple[np.ndarray, float]:
+    """MMD^2_u of every indicator column from the row sums ``acc`` = K @ ``indicators`` (first column all ones)."""
+    m = acc.shape[0] - n
     cols = indicators[:, 1:]
     a_k_a = (acc[:, 1:] * cols).sum(0)
     a_r = cols.T @ acc[:, 0]
     total = acc[:, 0].sum()
     a_k_b = a_r - a_k_a
     b_k_b = total - 2 * a_r + a_k_a
-    diag = float(len(bandwidths))
+    diag = float(kernels)
     stat = ((a_k_a - n * diag) / (n * (n - 1)) + (b_k_b - m * diag) / (m * (m - 1)) - 2 * a_k_b / (n * m))
     if not with_stderr:
         return stat.cpu().numpy()
@@ -420,22 +495,23 @@ def _mmd2_u_stderr(row_all: torch.Tensor, row_x: torch.Tensor, n: int, diag: flo
     return math.sqrt(max(var, 0.0))
 
 
-def _kernel_block(left: torch.Tensor, right: torch.Tensor, coefs: Sequence[float], *, diagonal: bool
-                  ) -> torch.Tensor:
+def _kernel_block(left: torch.Tensor, right: torch.Tensor, coefs: Sequence[float], *, diagonal: bool,
+                  offset: int = 0) -> torch.Tensor:
     """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for a block of augmented rows (see :func:`_mmd2_u_columns`).
 
     One kernel: ``right`` is pre-scaled, the product is -||a - b||^2 / (2 h^2), clamped at 0 from above. Several:
-    the product is ||a - b||^2, clamped at 0 from below. ``diagonal``: a is b, so the distance d_ii is 0 exactly.
+    the product is ||a - b||^2, clamped at 0 from below. ``diagonal``: a_i is b_{i + offset}, so that distance is
+    0 exactly (rounding would leave it slightly off).
     """
     prod = left @ right.T
     if len(coefs) == 1:
         prod.clamp_(max=0.0)
         if diagonal:
-            prod.fill_diagonal_(0.0)
+            prod.diagonal(offset).fill_(0.0)
         return prod.exp_()
     d2 = prod.clamp_(min=0.0)
     if diagonal:
-        d2.fill_diagonal_(0.0)
+        d2.diagonal(offset).fill_(0.0)
     k = torch.exp(d2 * coefs[0])
     for c in coefs[1:]:
         k += torch.exp(d2 * c)

@@ -1,0 +1,122 @@
+"""Rows of the pairwise estimators split across the processes of a ``torch.distributed`` group.
+
+The pairwise kernels reduce over columns (datapoints, pooled samples) for each row (a sample) independently, so
+under a process group every rank holds the whole input, computes the rows of its shard against all columns, and
+the per-row results are gathered in rank order: every rank then finishes the same computation on the same
+numbers. Three things keep the result the single-process one:
+
+- the inputs and options agree on every rank (:func:`latentdiag._distributed.check_same_across_ranks` on a
+  digest of them, so that a mismatch is a ValueError on every rank, not a hang or a silently mixed result);
+- random draws are made whole on every rank from one agreed seed (:func:`agreed_seed`), then each rank uses its
+  rows; nothing drawn depends on the world size;
+- shards are cut at multiples of :data:`ROW_ALIGN` rows and the column blocks do not depend on the world size, so
+  a row meets the same arithmetic in a shard as in one process. A BLAS matrix product rounds a row the same way
+  whatever other rows share the call when they come in whole groups of its micro-kernel's height, but not a column
+  (measured with MKL, float64: a shard starting at an odd row changes the block's last rows by an ulp; a block cut
+  to fewer columns changes some entries by an ulp). With 64-row shards and whole column blocks, per-row values
+  were bit-identical to one process in every case tried (chunk sizes that are multiples of 64); elsewhere they
+  agree within rounding (~1e-16 relative).
+
+Without a process group, or inside :func:`process_local`, every function here is the single-process identity: the
+kernel runs once over all rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentdiag._distributed import all_gather_cat, check_same_across_ranks, shard_indices, world
+from latentdiag._random import resolve_seed
+
+__all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_across_ranks", "agreed_seed", "digest",
+           "max_across_ranks"]
+
+ROW_ALIGN = 64
+"""Shards of rows start at multiples of this many rows (see the module docstring)."""
+
+_LOCAL = contextvars.ContextVar("latentdiag_process_local", default=False)
+
+
+@contextlib.contextmanager
+def process_local() -> Iterator[None]:
+    """Inside: the pairwise estimators compute every row in this process and make no collective call, as without a
+    process group. For code that runs on one rank only, such as a rank-0 monitor during DDP training: a collective
+    reached by one rank waits for the others until the group's timeout."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def sharding_world(group: Any = None) -> tuple[int, int]:
+    """(rank, world_size) the pairwise estimators shard over: :func:`latentdiag._distributed.world` of ``group``,
+    or (0, 1) inside :func:`process_local`."""
+    return (0, 1) if _LOCAL.get() else world(group)
+
+
+def row_range(rows: int, rank: int, world_size: int) -> range:
+    """The rows ``range(start, stop)`` of shard ``rank`` of ``world_size``: :func:`shard_indices` over groups of
+    :data:`ROW_ALIGN` rows, so shards start at multiples of 64, cover 0..rows-1 in rank order and differ by fewer
+    than 2 x 64 rows (one group, and the last group's shortfall)."""
+    units = shard_indices(-(-rows // ROW_ALIGN), rank, world_size)
+    return range(min(units.start * ROW_ALIGN, rows), min(units.stop * ROW_ALIGN, rows))
+
+
+def rows_across_ranks(kernel: Callable[[int, int], torch.Tensor], rows: int, *, dim: int = 0,
+                      group: Any = None) -> torch.Tensor:
+    """``kernel(0, rows)``, computed by shards: each rank runs ``kernel(start, stop)`` on its :func:`row_range`,
+    whose result holds rows start..stop along ``dim``, and the shards are concatenated along ``dim`` in rank order
+    (:func:`latentdiag._distributed.all_gather_cat`). Every rank gets the whole result. Without a process group (or
+    with one process): ``kernel(0, rows)`` itself, nothing copied."""
+    rank, size = sharding_world(group)
+    if size == 1:
+        return kernel(0, rows)
+    mine = row_range(rows, rank, size)
+    part = kernel(mine.start, mine.stop)
+    gathered = all_gather_cat(part.movedim(dim, 0).contiguous(), group)
+    return gathered.movedim(0, dim).contiguous()
+
+
+def agreed_seed(seed: int | None, group: Any = None) -> int | None:
+    """The seed every rank draws from: ``seed`` itself, checked equal on every rank; for ``None`` under a process
+    group, one fresh seed drawn on rank 0 (:func:`latentdiag._random.resolve_seed`) and used by all ranks, since
+    fresh entropy on each rank would give each rank its own samples. Without a process group: ``seed`` unchanged
+    (``None`` stays fresh per call). Every rank must call it (one or two small collectives)."""
+    if sharding_world(group)[1] == 1:
+        return seed
+    check_same_across_ranks("seed", seed, group)
+    if seed is not None:
+        return seed
+    fresh = torch.tensor([resolve_seed(None)], dtype=torch.int64)
+    return int(all_gather_cat(fresh, group)[0])
+
+
+def digest(*arrays: torch.Tensor | np.ndarray | None) -> str:
+    """SHA-256 (hex, 16 digits) of the arrays' shapes, dtypes and bytes (None: a marker): the cheap fingerprint
+    :func:`check_same_across_ranks` compares. Unlike a sum it also sees reordered rows (a data set shuffled
+    differently on one rank)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none\0")
+            continue
+        arr = a.detach().cpu().contiguous().numpy() if isinstance(a, torch.Tensor) else np.ascontiguousarray(a)
+        h.update(f"{arr.shape}\0{arr.dtype}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def max_across_ranks(value: float, group: Any = None) -> float:
+    """The largest ``value`` over the ranks (``value`` without a process group): one number every rank agrees on,
+    e.g. a timing that differs slightly per process."""
+    if sharding_world(group)[1] == 1:
+        return value
+    return float(all_gather_cat(torch.tensor([value], dtype=torch.float64), group).max())
