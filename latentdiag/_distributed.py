@@ -10,19 +10,39 @@ ValueError on every rank instead of a hang or a garbled result; they never retur
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from latentdiag._validation import check_int
 
-__all__ = ["world", "is_distributed", "shard_indices", "all_reduce_sum", "all_gather_cat", "broadcast_object",
-           "gather_objects", "check_same_across_ranks", "module_fingerprint"]
+__all__ = ["world", "is_distributed", "process_local", "shard_indices", "all_reduce_sum", "all_gather_cat",
+           "broadcast_object", "gather_objects", "agreed_seed", "check_same_across_ranks", "module_fingerprint"]
+
+_LOCAL = contextvars.ContextVar("latentdiag_process_local", default=False)
+
+
+@contextlib.contextmanager
+def process_local() -> Iterator[None]:
+    """Inside: latentdiag behaves as without a process group (this process computes everything; no collective
+    call). For code that runs on one rank only, such as a rank-0 monitor during DDP training: a collective reached
+    by one rank waits for the others until the group's timeout."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
 
 
 def is_distributed() -> bool:
-    """True when ``torch.distributed`` is available and a process group is initialised."""
+    """True when ``torch.distributed`` is available and a process group is initialised (and the caller is not
+    inside :func:`process_local`)."""
+    if _LOCAL.get():
+        return False
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -96,6 +116,21 @@ def _describe(values: list[Any]) -> str:
     for rank, value in enumerate(values):
         groups.setdefault(repr(value), []).append(rank)
     return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {v}" for v, r in groups.items())
+
+
+def agreed_seed(seed: int | None, group: Any = None) -> int | None:
+    """The seed every rank draws from: ``seed`` itself, checked equal on every rank; for ``None`` under a process
+    group, one fresh seed drawn on rank 0 (:func:`latentdiag._random.resolve_seed`) and used by all ranks, since
+    fresh entropy on each rank would give each rank its own samples. Without a process group: ``seed`` unchanged
+    (``None`` stays fresh per call). Every rank must call it (one or two small collectives)."""
+    if world(group)[1] == 1:
+        return seed
+    check_same_across_ranks("seed", seed, group)
+    if seed is not None:
+        return seed
+    from latentdiag._random import resolve_seed
+
+    return broadcast_object(resolve_seed(None), group)
 
 
 def check_same_across_ranks(name: str, value: Any, group: Any = None) -> None:

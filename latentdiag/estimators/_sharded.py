@@ -17,23 +17,20 @@ numbers. Three things keep the result the single-process one:
   were bit-identical to one process in every case tried (chunk sizes that are multiples of 64); elsewhere they
   agree within rounding (~1e-16 relative).
 
-Without a process group, or inside :func:`process_local`, every function here is the single-process identity: the
+Without a process group, or inside :func:`latentdiag._distributed.process_local`, every function here is the single-process identity: the
 kernel runs once over all rows.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from latentdiag._distributed import all_gather_cat, check_same_across_ranks, shard_indices, world
-from latentdiag._random import resolve_seed
+from latentdiag._distributed import agreed_seed, all_gather_cat, process_local, shard_indices, world
 
 __all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_across_ranks", "agreed_seed", "digest",
            "max_across_ranks"]
@@ -41,25 +38,10 @@ __all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_ac
 ROW_ALIGN = 64
 """Shards of rows start at multiples of this many rows (see the module docstring)."""
 
-_LOCAL = contextvars.ContextVar("latentdiag_process_local", default=False)
-
-
-@contextlib.contextmanager
-def process_local() -> Iterator[None]:
-    """Inside: the pairwise estimators compute every row in this process and make no collective call, as without a
-    process group. For code that runs on one rank only, such as a rank-0 monitor during DDP training: a collective
-    reached by one rank waits for the others until the group's timeout."""
-    token = _LOCAL.set(True)
-    try:
-        yield
-    finally:
-        _LOCAL.reset(token)
-
-
 def sharding_world(group: Any = None) -> tuple[int, int]:
-    """(rank, world_size) the pairwise estimators shard over: :func:`latentdiag._distributed.world` of ``group``,
-    or (0, 1) inside :func:`process_local`."""
-    return (0, 1) if _LOCAL.get() else world(group)
+    """(rank, world_size) the pairwise estimators shard over: :func:`latentdiag._distributed.world` of ``group``
+    ((0, 1) inside :func:`latentdiag._distributed.process_local`)."""
+    return world(group)
 
 
 def row_range(rows: int, rank: int, world_size: int) -> range:
@@ -83,20 +65,6 @@ def rows_across_ranks(kernel: Callable[[int, int], torch.Tensor], rows: int, *, 
     part = kernel(mine.start, mine.stop)
     gathered = all_gather_cat(part.movedim(dim, 0).contiguous(), group)
     return gathered.movedim(0, dim).contiguous()
-
-
-def agreed_seed(seed: int | None, group: Any = None) -> int | None:
-    """The seed every rank draws from: ``seed`` itself, checked equal on every rank; for ``None`` under a process
-    group, one fresh seed drawn on rank 0 (:func:`latentdiag._random.resolve_seed`) and used by all ranks, since
-    fresh entropy on each rank would give each rank its own samples. Without a process group: ``seed`` unchanged
-    (``None`` stays fresh per call). Every rank must call it (one or two small collectives)."""
-    if sharding_world(group)[1] == 1:
-        return seed
-    check_same_across_ranks("seed", seed, group)
-    if seed is not None:
-        return seed
-    fresh = torch.tensor([resolve_seed(None)], dtype=torch.int64)
-    return int(all_gather_cat(fresh, group)[0])
 
 
 def digest(*arrays: torch.Tensor | np.ndarray | None) -> str:

@@ -103,7 +103,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     against all N datapoints, and the per-row sums are gathered, so every rank returns the same result, the
     single-process one (bit-identical per-row sums at chunk sizes that are multiples of 64;
     ``settings["world_size"]`` records the number of processes). Every rank must call it; code that runs on one
-    rank only (a rank-0 monitor) wraps the call in ``latentdiag.estimators._sharded.process_local()``, else it
+    rank only (a rank-0 monitor) wraps the call in ``latentdiag.distributed.process_local()``, else it
     waits for the other ranks.
 
     Standard errors come from per-datapoint terms (each datapoint's samples averaged first). With ``convergence``

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, MultivariateNormal
 
 from latentdiag._batching import DataLike
 from latentdiag._random import seeded, torch_generator
@@ -156,7 +156,7 @@ class EncodeAccumulator(Accumulator):
 
     name = "encode"
     states = {"kl": "cat", "mean": "cat", "loc": "cat", "scale": "cat", "labels": "cat", "unlabelled": "sum",
-              "batches": "local"}
+              "mvn_loc": "cat", "mvn_tril": "cat", "batches": "local"}
 
     def __init__(self, *, kl_samples: int = 64) -> None:
         super().__init__()
@@ -164,6 +164,7 @@ class EncodeAccumulator(Accumulator):
         self.family: str | None = None
         self.analytic = True
         self.prior: Distribution | None = None
+        self._dtype = torch.float64
 
     def update(self, view: BatchView) -> None:
         q, p = view.q, view.p
@@ -179,6 +180,10 @@ class EncodeAccumulator(Accumulator):
             loc, scale = diagonal_marginals(q)
             self.add("loc", loc.to("cpu", torch.float64))
             self.add("scale", scale.to("cpu", torch.float64))
+        elif type(q) is MultivariateNormal:  # rows that travel across processes; rebuilt per batch in compute()
+            self.add("mvn_loc", q.loc.expand(view.batch, -1).to("cpu", torch.float64))
+            self.add("mvn_tril", q.scale_tril.expand(view.batch, -1, -1).to("cpu", torch.float64))
+            self._dtype = q.loc.dtype
         else:
             self.add("batches", q)
         if view.y is None:  # a placeholder row per datapoint; the table has labels only when every batch had them
@@ -200,9 +205,15 @@ class EncodeAccumulator(Accumulator):
         labels = self.value("labels") if unlabelled is None else None
         run = self.run
         loc, scale = (self.value("loc"), self.value("scale")) if self.family == "diag_normal" else (None, None)
+        batches = tuple(self.value("batches"))
+        if self.value("mvn_loc").numel():  # MultivariateNormal posteriors, in batches of the run's batch size
+            locs, trils, step = self.value("mvn_loc"), self.value("mvn_tril"), run.batch_size
+            batches = tuple(MultivariateNormal(locs[i:i + step].to(self._dtype),
+                                               scale_tril=trils[i:i + step].to(self._dtype), validate_args=False)
+                            for i in range(0, locs.shape[0], step))
         return EncodedTable(family=self.family, means=self.value("mean"), prior=self.prior, kl=kl,
                             kl_method="analytic" if self.analytic else f"monte_carlo ({self.kl_samples} samples)",
-                            loc=loc, scale=scale, batches=tuple(self.value("batches")), labels=labels,
+                            loc=loc, scale=scale, batches=batches, labels=labels,
                             settings={"batch_size": run.batch_size, "seed": run.seed, **run.settings()})
 
 

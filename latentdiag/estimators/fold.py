@@ -294,13 +294,13 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
     """
     check_model_arg(model)
     batch_size = check_int("batch_size", batch_size)
-    seed = resolve_seed(check_seed("seed", seed, allow_none=True))
+    seed = check_seed("seed", seed, allow_none=True)
     run_device = resolve_device(device, model)
     if device is not None:
         check_model_on(model, run_device)
     rank, world_size = _distributed.world(group)
+    seed = resolve_seed(_distributed.agreed_seed(seed, group))  # a None seed: rank 0's fresh draw for every rank
     if world_size > 1:
-        seed = _distributed.broadcast_object(seed, group)  # a None seed: rank 0's fresh draw for every rank
         if isinstance(model, torch.nn.Module):
             _distributed.check_same_across_ranks("model (weights fingerprint)", _distributed.module_fingerprint(model),
                                                  group)

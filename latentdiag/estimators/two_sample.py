@@ -205,7 +205,7 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     exponentials, the same number of the products with the indicators, which dominate with many permutations.
     The linear estimator is O(N) and runs whole on every rank. ``settings["world_size"]`` records the number of
     processes. Every rank must call it; code that runs on one rank only (a rank-0 monitor) wraps the call in
-    ``latentdiag.estimators._sharded.process_local()``, else it waits for the other ranks.
+    ``latentdiag.distributed.process_local()``, else it waits for the other ranks.
 
     Parameters
     ----------
