@@ -36,7 +36,8 @@ import torch
 import torch.distributions.kl as _torch_kl
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-__all__ = ["is_diagonal_normal", "diagonal_marginals", "analytic_kl", "kl_divergence", "from_standard_normal"]
+__all__ = ["is_diagonal_normal", "diagonal_marginals", "analytic_kl", "kl_divergence", "from_standard_normal",
+           "has_standard_normal_form"]
 
 
 def _torch_own_rules() -> ModuleType:
@@ -83,6 +84,11 @@ def diagonal_marginals(d: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"d must be a diagonal Normal, Independent(Normal(loc, scale), 1); got {_describe(d)}.")
     base = d.base_dist
     return base.loc, base.scale
+
+
+def has_standard_normal_form(d: Distribution) -> bool:
+    """Whether :func:`from_standard_normal` can draw from ``d`` (a diagonal Normal or a MultivariateNormal)."""
+    return is_diagonal_normal(d) or type(d) is MultivariateNormal
 
 
 def from_standard_normal(d: Distribution, eps: torch.Tensor) -> torch.Tensor | None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["child_seed", "datapoint_normal", "datapoint_seeds", "numpy_rng", "resolve_seed", "seeded",
+__all__ = ["block_span", "child_seed", "datapoint_normal", "datapoint_seeds", "numpy_rng", "resolve_seed", "seeded",
            "stream_seed", "torch_generator"]
 
 _MAX_TORCH_SEED = 2 ** 63  # torch.manual_seed takes [0, 2**64); stay inside the signed range for every backend
@@ -115,6 +115,12 @@ def seeded(seed: int | None, purpose: str, device: Any = None, *keys: int) -> It
 #: its chunking, and one draw costs one small block (changing the scheme changes every keyed draw).
 def _block_of(j: int) -> int:
     return (j + 1).bit_length() - 1
+
+
+def block_span(start: int, count: int) -> tuple[int, int]:
+    """The draws [lo, hi) of the whole blocks that hold draws [start, start + count) (count >= 1): drawing them at
+    once and slicing costs no more than drawing the slice, and serves later slices of the same blocks."""
+    return 2 ** _block_of(start) - 1, 2 ** (_block_of(start + count - 1) + 1) - 1
 
 
 _MASK63 = np.uint64(2 ** 63 - 1)

@@ -36,8 +36,8 @@ from torch.distributions import Distribution
 
 from latentdiag import _distributed
 from latentdiag._batching import DataLike, iter_batches
-from latentdiag._distributions import analytic_kl, from_standard_normal, kl_divergence
-from latentdiag._random import datapoint_normal, resolve_seed, seeded
+from latentdiag._distributions import analytic_kl, from_standard_normal, has_standard_normal_form, kl_divergence
+from latentdiag._random import block_span, datapoint_normal, resolve_seed, seeded
 from latentdiag._runtime import check_model_on, evaluation, resolve_device
 from latentdiag._validation import check_int, check_seed
 from latentdiag._validation import clip_message
@@ -71,6 +71,7 @@ class BatchView:
     p: Distribution
     seed: int
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _spans: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False)
     unkeyed: bool = False  # set when a draw fell back to torch's own (batch-seeded) sampler
 
     @property
@@ -105,9 +106,9 @@ class BatchView:
         cached = self._cache.get(which)
         if cached is not None and start + count <= cached.shape[0]:
             return cached[start:start + count]
-        eps = datapoint_normal(self.seed, which, self.index, count, (self.latent_dim,), start=start)
-        z = from_standard_normal(d, eps)
-        if z is None:  # no location-scale form: torch's own sampler, seeded by the batch's first datapoint
+        if has_standard_normal_form(d):
+            z = from_standard_normal(d, self._noise(which, start, count))
+        else:  # no location-scale form: torch's own sampler, seeded by the batch's first datapoint
             self.unkeyed = True
             with seeded(self.seed, f"fold.{which}_unkeyed", self.x.device, int(self.index[0]), start):
                 z = d.sample((count,)) if which == "posterior" else d.sample((count, self.batch))
@@ -115,6 +116,16 @@ class BatchView:
         if start == 0 and count <= _CACHE_DRAWS and (cached is None or count > cached.shape[0]):
             self._cache[which] = z
         return z
+
+    def _noise(self, which: str, start: int, count: int) -> torch.Tensor:
+        """Keyed standard normal noise for draws [start, start + count): whole blocks are drawn once and kept, so
+        that a chunked reader (IW-NLL's decoder chunks) draws every block once."""
+        span = self._spans.get(which)
+        if span is None or not (span[0] <= start and start + count <= span[0] + span[1].shape[0]):
+            lo, hi = block_span(start, count)
+            span = (lo, datapoint_normal(self.seed, which, self.index, hi - lo, (self.latent_dim,), start=lo))
+            self._spans[which] = span
+        return span[1][start - span[0]:start - span[0] + count]
 
 
 _CACHE_DRAWS = 64  # draws per datapoint kept for the accumulators of one batch (more are drawn in chunks)
