@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from latentdiag.errors import ExitCode
 
-__all__ = ["TorchrunSession", "torchrun_env", "current", "is_writer", "check_same_inputs"]
+__all__ = ["TorchrunSession", "torchrun_env", "current", "is_writer", "local_device", "check_same_inputs"]
 
 T = TypeVar("T")
 _CURRENT: TorchrunSession | None = None
@@ -134,7 +133,7 @@ class TorchrunSession:
         """``fn()`` on every rank, then a check that it worked on every rank: the rank where it failed raises its
         own error, the others a CommandError with that rank's exit code and message (one collective that every
         rank reaches, so a file missing on one node is an error everywhere, not a hang)."""
-        from latentdiag._distributed import gather_objects
+        from latentdiag.distributed import gather_objects
         from latentdiag.cli._errors import CommandError
 
         if not self.active:
@@ -159,7 +158,7 @@ class TorchrunSession:
         to print: on rank 0 its own message and what failed elsewhere, on the other ranks nothing. When the group
         no longer works (a rank died or timed out), every rank keeps and prints its own."""
         global _CURRENT
-        from latentdiag._distributed import gather_objects
+        from latentdiag.distributed import gather_objects
 
         try:
             everyone = gather_objects((int(code), message, details))
@@ -176,7 +175,7 @@ class TorchrunSession:
         words = [message] if message else []
         more = [details] if details else []
         for rank, (c, m, d) in enumerate(everyone[1:], start=1):
-            if c != ExitCode.OK and (c, m) != (code, message):
+            if c != ExitCode.OK and (c, m) != (code, message) and not (m and message and m in message):
                 words.append(f"rank {rank} of {self.world_size} exited {c}: {m}")
                 if d:
                     more.append(f"rank {rank}:\n{d}")
@@ -192,40 +191,16 @@ class TorchrunSession:
 
 
 def check_same_inputs(model: Any, data: Any, options: Any) -> None:
-    """Under torchrun: the same options, data and model weights on every rank, else exit 2 on every rank (a
-    sharded report of different inputs would mean nothing). One small exchange per item."""
-    from latentdiag._distributed import check_same_across_ranks, module_fingerprint
+    """Under torchrun: the same options, data and model weights on every rank
+    (:func:`latentdiag.distributed.check_same_inputs`), else exit 2 on every rank (a sharded report of different
+    inputs would mean nothing)."""
     from latentdiag.cli._errors import CommandError
+    from latentdiag.distributed import check_same_inputs as check
 
     if current() is None:
         return
-    import torch
-
-    items = [("options", options), ("data (datapoints and sha256)", data_fingerprint(data))]
-    if isinstance(model, torch.nn.Module):
-        items.append(("model (weights sha256)", module_fingerprint(model)))
-    for name, value in items:
-        try:
-            check_same_across_ranks(name, value)
-        except ValueError as err:
-            raise CommandError(ExitCode.USAGE, f"torchrun: {err} Launch every process with the same checkpoint, "
-                                               "data and options.") from err
-
-
-def data_fingerprint(data: Any) -> tuple[int, str]:
-    """(datapoints, sha256 of x and y) of tensor data or a split with ``x`` / ``y``; (len, "") for others."""
-    import torch
-
-    x = getattr(data, "x", data)
-    y = getattr(data, "y", None)
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        x, y = data[0], data[1] if len(data) > 1 else None
-    if not isinstance(x, torch.Tensor):
-        return (len(data) if hasattr(data, "__len__") else -1), ""
-    digest = hashlib.sha256()
-    for t in (x, y):
-        if isinstance(t, torch.Tensor):
-            t = t.detach().cpu().contiguous()
-            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return int(x.shape[0]), digest.hexdigest()
+    try:
+        check(model, data, options)
+    except ValueError as err:
+        raise CommandError(ExitCode.USAGE, f"torchrun: {err} Launch every process with the same checkpoint, data "
+                                           "and options.") from err

@@ -124,7 +124,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     for key, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 
