@@ -34,7 +34,7 @@ from latentdiag.report.check import Gate
 from latentdiag.results import Estimate
 
 __all__ = ["Report", "Metric", "MetricContext", "Gate", "METRICS", "metric", "register_metric", "run_report",
-           "resolve_metrics", "provenance", "declared_gates", "declared_accumulators"]
+           "resolve_metrics", "provenance", "declared_gates", "declared_accumulators", "TABLE"]
 
 
 @dataclass
