@@ -31,7 +31,8 @@ its encoder calls.
 
 ``--library DIR`` puts DIR first on the workers' ``PYTHONPATH``: with ``git archive COMMIT | tar -x -C DIR`` it
 times another commit's ``latentdiag`` with this script and machine, so that a "before" and an "after" can be
-measured in the same session (the model and its training come from the same DIR).
+measured in the same session. The model is trained by this process with the installed library either way, so
+both time the same weights and their values can be compared number by number.
 
 Output: a readable table, then one line ``BENCH_REPORT_JSON {...}`` (all repeats; medians), also written to
 ``--json-out`` when given. Exit status 0, or 2 when a worker fails.
@@ -91,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch.set_num_threads in training and in every worker (default: torch's default)")
     ap.add_argument("--library", default=None, metavar="DIR",
                     help="time the latentdiag found in DIR (e.g. `git archive COMMIT | tar -x -C DIR`): it goes "
-                         "first on PYTHONPATH, for training and every worker (default: the installed one)")
+                         "first on the workers' PYTHONPATH; the model is still trained with the installed one "
+                         "(default: the installed one)")
     # internal: one report run in a fresh process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
@@ -303,12 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    if args.library and os.path.abspath(args.library) not in [os.path.abspath(p) for p in sys.path if p]:
-        # train with the same library as the workers: this process again, DIR first on its path
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None
-                                                                             else sys.argv[1:])],
-                              env=_worker_env(args))
-        return proc.returncode
 
     import torch
 
@@ -323,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
              "training": f"train_elbo, {args.epochs} epoch(s) on mnist5k train (binary, 4000 digits), seed {args.seed}",
              "data": f"first {args.n} rows of mnist5k('all') binarised stochastically, copy c with seed c"}
     print(f"setup: {setup['model']}; {setup['training']}; eval data: {setup['data']}")
-    print(f"metrics: {', '.join(metrics)}; {args.repeat} run(s), each in a fresh process; library {_library()}")
+    print(f"metrics: {', '.join(metrics)}; {args.repeat} run(s), each in a fresh process; workers' library "
+          f"{os.path.abspath(args.library) if args.library else _library()}")
     model = build_model(args.latent_dim, args.seed)
     t0 = time.perf_counter()
     if args.epochs:

@@ -52,6 +52,10 @@ def test_the_default_report_encodes_each_datapoint_once(mlp_and_data):
     assert passed["combined"] and passed["n"] == n and passed["encoder_calls"] == 2 and passed["world_size"] == 1
     assert passed["accumulators"] == ["rate", "distortion", "elbo", "iw_nll", "table", "decoding"]
     assert rep.provenance["world_size"] == 1
+    from latentdiag.report import render_markdown
+
+    assert f"Run: device cpu, float32, seed 1, 1 process; one pass over {n} datapoints, 2 encoder calls" in \
+        render_markdown(rep)
     # without iw_curve: exactly one encoder pass for everything, the encoded table included
     counter.calls = counter.rows = 0
     run_report(model, data, metrics=[m for m in resolve_metrics(None) if m != "iw_curve"], iw_samples=20, seed=1)

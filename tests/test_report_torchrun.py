@@ -79,6 +79,8 @@ def test_torchrun_report_equals_the_one_process_report(checkpoint, tmp_path):
     assert worst <= 1e-6, {k: (a[k], b[k]) for k in a if _rel(a[k], b[k]) > 1e-6}
     assert [r["name"] for r in one["results"]] == [r["name"] for r in two["results"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]   # no stray files from rank 1
+    assert "2 processes; one pass over 100 datapoints, 2 encoder calls (all processes)" in \
+        (tmp_path / "two" / "report.md").read_text()
 
 
 _FACTORIES = textwrap.dedent('''
