@@ -245,7 +245,7 @@ def decoding_result(acc: DecodingAccumulator, *, position_bins: int = 10) -> Dec
     returns after its own fold, for a caller that folds the accumulator together with others (the report's one
     pass). ``settings["batch_size"]`` is the accumulator's decoder batch."""
     position_bins = check_int("position_bins", position_bins)
-    repeats, batch_size, mask = acc.repeats, acc.decode_batch, acc.mask
+    repeats, batch_size = acc.repeats, acc.decode_batch
     parts = [{key: acc.value(key) for key in acc.states}]
     positions, cols = _assemble(parts)
     mask_np = cols.pop("mask")
