@@ -23,6 +23,17 @@ the RSS just before the call), the encoder calls and encoded rows per metric (co
 callbacks: a skipped metric's encodes, if any, count towards the next metric that runs) and the value of every
 result, so two runs (before / after a change) can be compared number by number.
 
+Since issue 19 the report folds its per-datapoint metrics in one pass before the first metric runs: the encoder
+calls of that pass count towards the first metric (``rate``), each metric's time holds its own accumulator's
+share of the pass, and the JSON's ``per_datapoint_pass`` (from the report's provenance) gives the pass's
+seconds, its ``shared_seconds`` (encoding and batching, in no metric's time: the "(outside metrics)" row) and
+its encoder calls.
+
+``--library DIR`` puts DIR first on the workers' ``PYTHONPATH``: with ``git archive COMMIT | tar -x -C DIR`` it
+times another commit's ``latentdiag`` with this script and machine, so that a "before" and an "after" can be
+measured in the same session. The model is trained by this process with the installed library either way, so
+both time the same weights and their values can be compared number by number.
+
 Output: a readable table, then one line ``BENCH_REPORT_JSON {...}`` (all repeats; medians), also written to
 ``--json-out`` when given. Exit status 0, or 2 when a worker fails.
 
@@ -79,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="N = 1000 and an untrained model: a smoke run")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads in training and in every worker (default: torch's default)")
+    ap.add_argument("--library", default=None, metavar="DIR",
+                    help="time the latentdiag found in DIR (e.g. `git archive COMMIT | tar -x -C DIR`): it goes "
+                         "first on the workers' PYTHONPATH; the model is still trained with the installed one "
+                         "(default: the installed one)")
     # internal: one report run in a fresh process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
@@ -195,8 +210,16 @@ def run_worker(args: argparse.Namespace) -> None:
         "peak_rss_delta_mb": None if rss_before is None else maxrss_after - rss_before, "peak_reset": peak_reset,
         "encoder_calls": counter.calls, "encoded_rows": counter.rows, "per_metric_encodes": per_metric,
         "metrics": metrics, "values": values, "torch_threads": torch.get_num_threads(),
+        "per_datapoint_pass": report.provenance.get("per_datapoint_pass"), "library": _library(),
     }
     Path(args.result).write_text(json.dumps(result))
+
+
+def _library() -> str:
+    """Where the latentdiag being timed was imported from."""
+    import latentdiag
+
+    return str(Path(latentdiag.__file__).resolve().parent.parent)
 
 
 def launch_worker(args: argparse.Namespace, state: Path, result: Path) -> dict:
@@ -212,11 +235,18 @@ def launch_worker(args: argparse.Namespace, state: Path, result: Path) -> dict:
         # Fork the worker from a shell (the trailing `exit` stops the shell exec'ing it): an exec'd child would
         # inherit this process's peak RSS in ru_maxrss, and this one holds torch, the data and the training.
         cmd = [sh, "-c", '"$@"; exit $?', "sh", *cmd]
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, env=_worker_env(args))
     if proc.returncode != 0:
         print(f"error: the report worker failed with exit status {proc.returncode}", file=sys.stderr)
         raise SystemExit(2)
     return json.loads(result.read_text())
+
+
+def _worker_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    if args.library:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(args.library), env.get("PYTHONPATH")) if p)
+    return env
 
 
 # -- parent -------------------------------------------------------------------------------------------------------
@@ -239,6 +269,7 @@ def summarise(runs: list[dict], args: argparse.Namespace, setup: dict) -> dict:
         "encoded_rows_per_datapoint": first["encoded_rows"] / args.n,
         "per_metric_encodes": first["per_metric_encodes"], "skipped": first["skipped"],
         "values": first["values"], "torch_threads": first["torch_threads"], "machine": machine_line(),
+        "per_datapoint_pass": first.get("per_datapoint_pass"), "library": first.get("library"),
         "runs": runs,
     }
 
@@ -260,6 +291,11 @@ def print_table(summary: dict) -> None:
     print("CPU s: this process's CPU time over all threads (wall well above CPU / threads: it waited for a core)")
     print(f"peak RSS {summary['peak_rss_mb']:.0f} MB" + ("" if delta is None else f" ({delta:+.0f} MB over the "
           "RSS before the call)") + f"; encoded rows per datapoint {summary['encoded_rows_per_datapoint']:.2f}")
+    passed = summary.get("per_datapoint_pass")
+    if passed and passed.get("combined"):
+        print(f"one pass: {', '.join(passed['accumulators'])} in {passed['seconds']:.2f} s ("
+              f"{passed['shared_seconds']:.2f} s shared: encoding and batching), {passed['encoder_calls']} encoder "
+              "calls")
     if summary["skipped"]:
         print("skipped: " + "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items()))
 
@@ -283,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
              "training": f"train_elbo, {args.epochs} epoch(s) on mnist5k train (binary, 4000 digits), seed {args.seed}",
              "data": f"first {args.n} rows of mnist5k('all') binarised stochastically, copy c with seed c"}
     print(f"setup: {setup['model']}; {setup['training']}; eval data: {setup['data']}")
-    print(f"metrics: {', '.join(metrics)}; {args.repeat} run(s), each in a fresh process")
+    print(f"metrics: {', '.join(metrics)}; {args.repeat} run(s), each in a fresh process; workers' library "
+          f"{os.path.abspath(args.library) if args.library else _library()}")
     model = build_model(args.latent_dim, args.seed)
     t0 = time.perf_counter()
     if args.epochs:

@@ -35,7 +35,7 @@ from latentdiag.errors import ExitCode, LatentdiagError, OutputLocationError, Us
 from latentdiag.estimators import NonFiniteEstimateError
 from latentdiag.report.source import StateDictKeyError
 
-__all__ = ["CommandError", "run_command", "user_code", "writing", "signals_received"]
+__all__ = ["CommandError", "classify", "run_command", "user_code", "writing", "signals_received"]
 
 _SIGNALS: list[int] = []  # the SIGINT / SIGTERM this process received while a command ran
 
@@ -131,17 +131,42 @@ def _one_paragraph(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def run_command(body: Callable[[], int | None], *, verbose: bool = False) -> None:
+def classify(err: BaseException) -> tuple[int, str]:
+    """The exit code and message of an exception raised by a command's body (as :func:`run_command` reports it;
+    for the ranks of a torchrun job to compare notes)."""
+    if isinstance(err, click.exceptions.ClickException):
+        return ExitCode.USAGE, err.format_message()
+    if isinstance(err, LatentdiagError):
+        return err.exit_code, str(err)
+    known = _known(err)
+    if known is not None:
+        return known
+    return ExitCode.RUNTIME, f"{type(err).__name__}: {err}"
+
+
+def run_command(body: Callable[[], int | None], *, verbose: bool = False, torchrun: object = None) -> None:
     """Run a command's body and exit with its code (None: 0); every exception becomes its documented code and a
     one-paragraph ``error: ...`` on stderr (the traceback too with ``verbose``). Click's own usage errors are left
-    to click (exit 2 with the usage line)."""
+    to click (exit 2 with the usage line).
+
+    ``torchrun``: the command's :class:`~latentdiag.cli._torchrun.TorchrunSession` when torchrun started it
+    (None otherwise): the process group is joined before the body, the other ranks stay silent, and after the
+    body every rank exits with the same code while rank 0 says what failed (on any rank)."""
     del _SIGNALS[:]
-    code, message, failure = ExitCode.OK, None, None
-    with _signal_handlers():
+    session = torchrun
+    code, message, failure, usage = ExitCode.OK, None, None, None
+    quiet = session.quiet() if session is not None else contextlib.nullcontext()
+    with _signal_handlers(), quiet:
         try:
+            if session is not None:
+                session.start()
             code = body() or ExitCode.OK
-        except (click.exceptions.UsageError, click.exceptions.Exit):
-            raise  # click prints the usage line and exits 2 (or the Exit's code)
+        except click.exceptions.UsageError as err:
+            if session is None or not session.active:
+                raise  # click prints the usage line and exits 2
+            code, message, usage = ExitCode.USAGE, err.format_message(), err  # raised again once the ranks agree
+        except click.exceptions.Exit:
+            raise
         except click.exceptions.ClickException as err:  # click's own default is exit 1, which means "rule failed"
             code, message = ExitCode.USAGE, err.format_message()
         except click.exceptions.Abort as err:
@@ -167,19 +192,20 @@ def run_command(body: Callable[[], int | None], *, verbose: bool = False) -> Non
             failure.__cause__ = err
         except Exception as err:
             failure = err
+    details = None
     if failure is not None:
-        if isinstance(failure, LatentdiagError):
-            code, message = failure.exit_code, str(failure)
-        else:
-            known = _known(failure)
-            if known is not None:
-                code, message = known
-            else:
-                code, message = ExitCode.RUNTIME, f"{type(failure).__name__}: {failure}"
+        code, message = classify(failure)
         if verbose:
-            traceback.print_exception(failure, file=sys.stderr)
+            details = "".join(traceback.format_exception(failure))
         elif not isinstance(failure, (LatentdiagError,)) and _known(failure) is None:
             message += " (run with -v for the traceback)"
+    if session is not None and session.active:
+        own = code
+        code, message, details = session.finish(code, message, details)
+        if usage is not None and session.rank == 0 and own == code and message == usage.format_message():
+            raise usage  # rank 0's own usage error, with click's usage line (exit 2)
+    if details:
+        sys.stderr.write(details)
     if message:
         prefix = "" if code == ExitCode.INTERRUPTED else "error: "
         click.echo(prefix + _one_paragraph(message), err=True)

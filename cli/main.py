@@ -5,6 +5,10 @@ command): 0 ok, 1 a check rule failed, 2 usage error (bad options or input data,
 be written), 3 runtime error (unloadable or refused checkpoint, the user's factory or model failing or calling
 sys.exit(), non-finite metric), 4 nothing evaluated, 130 interrupted (SIGINT / SIGTERM). Output locations are
 checked before any model is loaded.
+
+``report``, ``check`` and ``compare`` also run under ``torchrun`` (:mod:`latentdiag.cli._torchrun`): every rank
+evaluates its shard of the data, rank 0 alone writes and prints, and every rank exits with the same code (2 when
+the ranks were given different checkpoints, data or options).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 import click
 
 import latentdiag
-from latentdiag.cli._errors import CommandError, run_command, user_code, writing
+from latentdiag.cli import _torchrun
+from latentdiag.cli._errors import CommandError, classify, run_command, user_code, writing
 from latentdiag.errors import ExitCode, LatentdiagError
 
 FORMATS = ("table", "json", "csv", "md")
@@ -26,9 +31,26 @@ SEED = click.IntRange(0, 2**32 - 1)
 SEED_HELP = "Seed of every estimator, 0 .. 4294967295 (2**32 - 1); the same seed gives the same numbers."
 
 
-def _run(fn, verbose: bool = False) -> None:
-    """Call the body of a command and exit with its code (see :func:`latentdiag.cli._errors.run_command`)."""
-    run_command(fn, verbose=verbose)
+def _run(fn, verbose: bool = False, *, torchrun_device: str | None = None) -> None:
+    """Call the body of a command and exit with its code (see :func:`latentdiag.cli._errors.run_command`); with
+    ``torchrun_device`` (the command's --device) the command joins the process group torchrun describes, when it
+    describes one (:mod:`latentdiag.cli._torchrun`)."""
+    session = None
+    if torchrun_device is not None:
+        try:
+            session = _torchrun.TorchrunSession.from_env(torchrun_device)
+        except ValueError as err:  # a malformed torchrun environment: a usage error, before anything runs
+            refusal = CommandError(ExitCode.USAGE, str(err))
+
+            def fn():
+                raise refusal
+    run_command(fn, verbose=verbose, torchrun=session)
+
+
+def _agreed(fn):
+    """``fn()``, and under torchrun the check that it worked on every rank (else an error on every rank)."""
+    session = _torchrun.current()
+    return fn() if session is None else session.agreed(fn, classify)
 
 
 def _output_folder(stack: contextlib.ExitStack, out: str, option: str = "--out") -> Path:
@@ -37,7 +59,7 @@ def _output_folder(stack: contextlib.ExitStack, out: str, option: str = "--out")
     from latentdiag.output import check_output_folder, folder_lock
 
     path = check_output_folder(out, option)
-    if path.parent.is_dir():
+    if path.parent.is_dir() and _torchrun.is_writer():  # under torchrun rank 0 alone writes (and locks)
         with writing(option, out):
             stack.enter_context(folder_lock(path))
     return path
@@ -272,6 +294,8 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
 
     ctx = click.get_current_context(silent=True)
     max_pairs = ctx.meta.get("latentdiag.max_pairs") if ctx is not None else None
+    _torchrun.check_same_inputs(loaded.model, data, {"metrics": names, "iw_samples": iw_samples, "seed": seed,
+                                                     "max_pairs": max_pairs, "command": command})
     try:
         with user_code("the model (during evaluation)"):
             return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
@@ -290,6 +314,8 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
 def _emit(report, fmt: str, out: str | None, plots: bool, quiet: bool) -> None:
     from latentdiag.report import render_csv, render_markdown, render_report_json, render_report_table, write_report
 
+    if not _torchrun.is_writer():  # under torchrun rank 0 writes and prints for every rank
+        return
     if out is not None:
         with writing("--out", out):
             written = write_report(report, out, formats=("json", "csv", "md", "html"), plots=plots)
@@ -317,21 +343,25 @@ def report(checkpoint, factory, trust_checkpoint, data_spec, data_format, split,
            device, quiet, verbose, no_progress, out, no_files, fmt, no_plots):
     """Report on the model in CHECKPOINT: table on stdout, report files in --out."""
     def body():
+        run_device = _torchrun.local_device(device)
         with contextlib.ExitStack() as stack:
-            if not no_files:
-                _output_folder(stack, out)
-            loaded = _load(checkpoint, factory, trust_checkpoint, device)
-            data, info = _data(loaded, data_spec, data_format, split, limit)
+            def setup():
+                if not no_files:
+                    _output_folder(stack, out)
+                loaded = _load(checkpoint, factory, trust_checkpoint, run_device)
+                return (loaded, *_data(loaded, data_spec, data_format, split, limit))
+
+            loaded, data, info = _agreed(setup)
             if verbose:
                 click.echo(f"evaluating {checkpoint} on {info['spec']} ({info['split']}, n = {info['n']})", err=True)
-            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=run_device,
                             progress=_progress(no_progress, quiet), verbose=verbose, command="report")
             if not rep.results:
                 _emit(rep, fmt, None, False, quiet)
                 raise CommandError(ExitCode.NOTHING_EVALUATED, "nothing was evaluated: every chosen metric was skipped")
             _emit(rep, fmt, None if no_files else out, not no_plots, quiet)
             return ExitCode.OK
-    _run(body, verbose)
+    _run(body, verbose, torchrun_device=device)
 
 
 @cli.command()
@@ -353,14 +383,18 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
         names = [s.strip() for s in labels.split(",")] if labels else [Path(c).stem for c in checkpoints]
         if len(names) != len(checkpoints) or len(set(names)) != len(names):
             raise click.UsageError(f"--labels must give {len(checkpoints)} distinct names; got {names}.")
+        run_device = _torchrun.local_device(device)
         with contextlib.ExitStack() as stack:
-            if out is not None:
-                _output_folder(stack, out)
-            loaded = {name: _load(c, factory, trust_checkpoint, device) for name, c in zip(names, checkpoints)}
-            first = next(iter(loaded.values()))
-            data, info = _data(first, data_spec, data_format, split, limit)
+            def setup():
+                if out is not None:
+                    _output_folder(stack, out)
+                loaded = {name: _load(c, factory, trust_checkpoint, run_device)
+                          for name, c in zip(names, checkpoints)}
+                return (loaded, *_data(next(iter(loaded.values())), data_spec, data_format, split, limit))
+
+            loaded, data, info = _agreed(setup)
             reports = {name: _evaluate(lm, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed,
-                                       device=device, progress=_progress(no_progress, quiet), verbose=verbose,
+                                       device=run_device, progress=_progress(no_progress, quiet), verbose=verbose,
                                        command="compare") for name, lm in loaded.items()}
             if not any(r.results for r in reports.values()):
                 raise CommandError(ExitCode.NOTHING_EVALUATED, "nothing was evaluated: every chosen metric was skipped")
@@ -372,6 +406,8 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
                 raise
             except Exception as err:
                 raise CommandError(ExitCode.RUNTIME, f"the comparison failed: {type(err).__name__}: {err}") from err
+            if not _torchrun.is_writer():
+                return ExitCode.OK
             click.echo(render_compare(result, fmt).rstrip("\n"))
             if out is not None:
                 from latentdiag.report.compare import write_compare
@@ -381,7 +417,7 @@ def compare(checkpoints, factory, trust_checkpoint, data_spec, data_format, spli
                 if not quiet:
                     click.echo("wrote " + ", ".join(written), err=True)
             return ExitCode.OK
-    _run(body, verbose)
+    _run(body, verbose, torchrun_device=device)
 
 
 @cli.command()
@@ -406,6 +442,13 @@ def demo(data_name, epochs, latent_dim, iw_samples, metrics, seed, device, out, 
          verbose):
     """Train a small VAE on bundled data, save it as a checkpoint, and report on its test split."""
     def body():
+        try:
+            under_torchrun = _torchrun.torchrun_env() is not None
+        except ValueError:
+            under_torchrun = True
+        if under_torchrun:
+            raise click.UsageError("demo runs in one process; under torchrun run `latentdiag report` on a "
+                                   "checkpoint (e.g. the one a single-process demo wrote).")
         from latentdiag.output import atomic_write_text, check_output_file, replace_folder
         from latentdiag.demo import train_demo_model
         from latentdiag.models import save_checkpoint
@@ -498,9 +541,14 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
                 raise click.UsageError(f"--tolerance must be METRIC=NUMBER; got {item!r}.")
 
         def evaluated():  # called by run_check once the rules, the baseline and the report file are read
-            loaded = _load(checkpoint, factory, trust_checkpoint, device)
-            data, info = _data(loaded, data_spec, data_format, split, limit)
-            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=device,
+            run_device = _torchrun.local_device(device)
+
+            def setup():
+                loaded = _load(checkpoint, factory, trust_checkpoint, run_device)
+                return (loaded, *_data(loaded, data_spec, data_format, split, limit))
+
+            loaded, data, info = _agreed(setup)
+            rep = _evaluate(loaded, data, info, metrics=metrics, iw_samples=iw_samples, seed=seed, device=run_device,
                             progress=_progress(no_progress, quiet), verbose=verbose, command="check")
             return report_document(rep)
 
@@ -515,14 +563,14 @@ def check(checkpoint, report_path, fail_if, baseline, compare, tolerances, z, co
             click.echo(result.to_json())
         elif result.outcomes:
             click.echo(result.render_table())
-        if junit is not None:
+        if junit is not None and _torchrun.is_writer():  # under torchrun rank 0 alone writes
             with writing("--junit", junit):
                 atomic_write_text(junit, result.render_junit())
         if result.nothing_evaluated and not quiet:
             click.echo("nothing was evaluated: give --fail-if rules or a --baseline (or [tool.latentdiag.check] "
                        "in pyproject.toml) that name metrics of the report", err=True)
         return result.exit_code
-    _run(body, verbose)
+    _run(body, verbose, torchrun_device=device)
 
 
 @cli.command()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from latentdiag._hashing import sha256_arrays
 from latentdiag._validation import check_int
 
 __all__ = ["world", "is_distributed", "process_local", "shard_indices", "all_reduce_sum", "all_gather_cat",
@@ -155,12 +155,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
     Equal on two ranks exactly when they hold the same weights (for :func:`check_same_across_ranks`).
     """
-    digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    state = module.state_dict()
+    return sha256_arrays(*state.values(), names=tuple(state))
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -23,13 +23,13 @@ kernel runs once over all rows.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from latentdiag._hashing import sha256_arrays
 from latentdiag._distributed import agreed_seed, all_gather_cat, process_local, shard_indices, world
 
 __all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_across_ranks", "agreed_seed", "digest",
@@ -68,18 +68,9 @@ def rows_across_ranks(kernel: Callable[[int, int], torch.Tensor], rows: int, *, 
 
 
 def digest(*arrays: torch.Tensor | np.ndarray | None) -> str:
-    """SHA-256 (hex, 16 digits) of the arrays' shapes, dtypes and bytes (None: a marker): the cheap fingerprint
-    :func:`check_same_across_ranks` compares. Unlike a sum it also sees reordered rows (a data set shuffled
-    differently on one rank)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        if a is None:
-            h.update(b"none\0")
-            continue
-        arr = a.detach().cpu().contiguous().numpy() if isinstance(a, torch.Tensor) else np.ascontiguousarray(a)
-        h.update(f"{arr.shape}\0{arr.dtype}\0".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()[:16]
+    """SHA-256 (hex, 16 digits) of the arrays (:func:`latentdiag._hashing.sha256_arrays`): the cheap fingerprint
+    :func:`check_same_across_ranks` compares; unlike a sum it also sees reordered rows."""
+    return sha256_arrays(*arrays)[:16]
 
 
 def max_across_ranks(value: float, group: Any = None) -> float:

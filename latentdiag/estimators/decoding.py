@@ -28,8 +28,8 @@ from latentdiag.estimators._common import NonFiniteEstimateError, check_model_ar
 from latentdiag.estimators.fold import Accumulator, BatchView, fold
 from latentdiag.results import Estimate
 
-__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoded_examples", "js_divergence",
-           "METRICS"]
+__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoding_result", "decoded_examples",
+           "js_divergence", "METRICS"]
 
 _LN2 = math.log(2.0)
 
@@ -231,21 +231,21 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
     -------
     DecodingDivergence
     """
-    check_model_arg(model)
-    require_capability(model, "decoder_logits", needed_by="decoding_divergence")
-    repeats = check_int("repeats", repeats, minimum=2)
     batch_size = check_int("batch_size", batch_size)
     position_bins = check_int("position_bins", position_bins)
     seed = check_seed("seed", seed, allow_none=True)
-    pad, pad_rule = _resolve_pad_index(model, pad_index)
-    if mask is not None and not (callable(mask) or isinstance(mask, (torch.Tensor, np.ndarray))):
-        raise TypeError(f"mask must be None, a bool tensor (N, *positions) or a callable x -> mask; got "
-                        f"{type(mask).__name__}.")
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
-    acc = DecodingAccumulator(repeats=repeats, decode_batch=batch_size, pad=pad, mask=mask)
+    acc = DecodingAccumulator.for_model(model, repeats, decode_batch=batch_size, pad_index=pad_index, mask=mask)
     fold(model, data, [acc], batch_size=batch_size, seed=seed, device=device, progress=progress,
          desc="decoding_divergence")
+    return decoding_result(acc, position_bins=position_bins)
+
+
+def decoding_result(acc: DecodingAccumulator, *, position_bins: int = 10) -> DecodingDivergence:
+    """The :class:`DecodingDivergence` of a folded :class:`DecodingAccumulator`: what :func:`decoding_divergence`
+    returns after its own fold, for a caller that folds the accumulator together with others (the report's one
+    pass). ``settings["batch_size"]`` is the accumulator's decoder batch."""
+    position_bins = check_int("position_bins", position_bins)
+    repeats, batch_size = acc.repeats, acc.decode_batch
     parts = [{key: acc.value(key) for key in acc.states}]
     positions, cols = _assemble(parts)
     mask_np = cols.pop("mask")
@@ -256,7 +256,7 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
     keep = lengths > 0
 
     settings = {"repeats": repeats, "seed": acc.run.seed, "batch_size": batch_size, "position_bins": position_bins,
-                "padding": pad_rule if mask is None else f"{pad_rule} and mask", **acc.run.settings()}
+                "padding": acc.padding, **acc.run.settings()}
     dropped = int((~keep).sum())
     common_notes = (f"{dropped} datapoint(s) without any counted position were left out",) if dropped else ()
 
@@ -346,6 +346,27 @@ class DecodingAccumulator(Accumulator):
         self.repeats = check_int("repeats", repeats, minimum=2)
         self.decode_batch = check_int("decode_batch", decode_batch)
         self.pad, self.mask = pad, mask
+        self.padding = "none" if pad is None else f"pad_index={pad}"  # how padding was chosen, for the settings
+        if mask is not None:
+            self.padding += " and mask"
+
+    @classmethod
+    def for_model(cls, model: Any, repeats: int = 5, *, decode_batch: int = 32, pad_index: int | str | None = "auto",
+                  mask: Any = None) -> DecodingAccumulator:
+        """The accumulator :func:`decoding_divergence` folds, its options checked as there (``pad_index="auto"``:
+        the model's own ``pad_index``); :func:`decoding_result` turns it into the result after a fold."""
+        check_model_arg(model)
+        require_capability(model, "decoder_logits", needed_by="decoding_divergence")
+        repeats = check_int("repeats", repeats, minimum=2)
+        pad, pad_rule = _resolve_pad_index(model, pad_index)
+        if mask is not None and not (callable(mask) or isinstance(mask, (torch.Tensor, np.ndarray))):
+            raise TypeError(f"mask must be None, a bool tensor (N, *positions) or a callable x -> mask; got "
+                            f"{type(mask).__name__}.")
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(mask)
+        acc = cls(repeats=repeats, decode_batch=decode_batch, pad=pad, mask=mask)
+        acc.padding = pad_rule if mask is None else f"{pad_rule} and mask"
+        return acc
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.is_floating_point() and not bool((x == torch.round(x)).all()):

@@ -14,11 +14,18 @@ __all__ = ["MetricsCallback"]
 
 class MetricsCallback:
     """Call ``callback(model, epoch)`` after an epoch: every ``every`` epochs it runs :func:`run_report` with
-    ``metrics`` on ``data`` and returns ``{metric: value}`` (``{}`` on the other epochs); ``history`` keeps one
+    ``metrics`` on ``data`` and returns ``{result: value}`` (``{}`` on the other epochs); ``history`` keeps one
     row per evaluated epoch (epoch, each value and its standard error, seconds).
 
+    The report folds the per-datapoint metrics in one pass over ``data`` (rate, distortion, iw_nll and the
+    encoded table behind ``aggregate``: each batch encoded once), so the callback costs one encoder pass. With
+    ``aggregate`` (a default) the values hold both ends of each bracket, as the trainer's monitoring does:
+    ``mutual_information`` .. ``mutual_information_upper`` and ``marginal_kl_lower`` .. ``marginal_kl`` (the
+    upper end of the marginal KL, rate minus the lower MI end).
+
     The model is evaluated as it is (its device); the report's evaluation context puts it in eval mode and
-    restores training mode afterwards, so the trainer can go on.
+    restores training mode afterwards, so the trainer can go on. Under DDP the trainer calls its hooks on every
+    rank, and the pass is sharded across them (every rank gets the same values).
     """
 
     def __init__(self, data: Any, *, metrics: str | Sequence[str] = "rate,distortion,iw_nll,aggregate",

@@ -10,7 +10,7 @@ from typing import Any
 
 from latentdiag.results import Estimate, json_safe
 
-__all__ = ["render_table", "render_json", "SCHEMA_VERSION"]
+__all__ = ["render_table", "render_json", "provenance_line", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = "0.1"
 
@@ -144,7 +144,28 @@ def render_markdown(report: Any) -> str:
     notes = [f"- `{r.name}`: {note}" for r in report.results for note in r.notes]
     if notes:
         lines += ["", "Notes:", *notes]
+    run = provenance_line(report.provenance)
+    if run:
+        lines += ["", run]
     return "\n".join(lines) + "\n"
+
+
+def provenance_line(prov: Mapping[str, Any]) -> str:
+    """One line of the key provenance: device, dtype, seed, processes and the report's one pass over the data
+    (e.g. "Run: device cpu, float32, seed 0, 2 processes; one pass over 10,000 datapoints, 40 encoder calls")."""
+    parts = [f"device {prov['device']}" if prov.get("device") else "", str(prov.get("dtype") or ""),
+             f"seed {prov['seed']}" if prov.get("seed") is not None else ""]
+    world = prov.get("world_size")
+    if world is not None:
+        parts.append(f"{world} process{'es' if world != 1 else ''}")
+    text = ", ".join(p for p in parts if p)
+    passed = prov.get("per_datapoint_pass") or {}
+    if passed.get("combined"):
+        text += (f"; one pass over {passed['n']:,} datapoints, {passed['encoder_calls']:,} encoder calls"
+                 f"{' (all processes)' if passed.get('world_size', 1) > 1 else ''}")
+    elif passed:
+        text += "; one pass per metric (the combined pass failed: " + str(passed.get("error", "")) + ")"
+    return f"Run: {text}" if text else ""
 
 
 def report_figures(report: Any) -> dict[str, Any]:

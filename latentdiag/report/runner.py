@@ -1,8 +1,16 @@
 """Run a chosen set of estimators on one model and data set and collect what they return: the report.
 
-The report computes no math itself: each metric below calls the public estimators and keeps their results, the
-arrays that plots need, and its own wall time. A metric whose model lacks a capability (or whose estimator
-refuses the model) is skipped with the reason, not failed.
+The report computes no math itself: each metric below calls the public estimators (or reads the accumulator it
+declared from the report's one pass over the data) and keeps their results, the arrays that plots need, and its
+own wall time. A metric whose model lacks a capability (or whose estimator refuses the model) is skipped with the
+reason, not failed.
+
+**One pass.** The per-datapoint metrics (rate, distortion, elbo, iw_nll, decoding and the encoded table behind
+aggregate, ks, mmd, active_units, intrinsic_dimension, the probes, mixed_membership, ...) declare their
+accumulators with ``@metric(..., accumulators={key: factory})``; :func:`run_report` folds all of them in one pass
+(:mod:`latentdiag.report.shared_pass`), so the encoder sees each datapoint once, and each metric reads its result
+with ``ctx.folded(key)``. The draws are keyed by datapoint, so the numbers are those of the public functions with
+the same seed. ``iw_curve`` (200 datapoints, several K) makes its own pass over those 200.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ import numpy as np
 import torch
 
 from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
+from latentdiag.estimators.decoding import DecodingAccumulator, decoding_result
+from latentdiag.estimators.encoded import EncodeAccumulator
+from latentdiag.estimators.likelihood import DistortionAccumulator, ElboAccumulator, IwNllAccumulator, RateAccumulator
 from latentdiag.report.check import Gate
 from latentdiag.results import Estimate
 
 __all__ = ["Report", "Metric", "MetricContext", "Gate", "METRICS", "metric", "register_metric", "run_report",
-           "resolve_metrics", "provenance", "declared_gates"]
+           "resolve_metrics", "provenance", "declared_gates", "declared_accumulators", "TABLE"]
 
 
 @dataclass
@@ -45,7 +56,8 @@ class MetricContext:
     artifacts : dict
         Result objects a metric leaves for the figures (not serialised), by name.
 
-    :meth:`table` encodes the data once and shares the table between the metrics of one report.
+    :meth:`folded` returns the result of an accumulator of the report's one pass over the data; :meth:`table` is
+    the encoded table of that pass, shared by the metrics of one report.
     """
 
     model: Any
@@ -57,18 +69,29 @@ class MetricContext:
     max_pairs: int | None = None
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    shared: Any = field(default=None, repr=False)  # the report's SharedPass (built on first use when None)
 
     @property
     def common(self) -> dict[str, Any]:
         """``seed``, ``device`` and ``progress``: the keyword arguments every per-datapoint estimator takes."""
         return {"seed": self.seed, "device": self.device, "progress": self.progress}
 
-    def table(self) -> Any:
-        """The :class:`~latentdiag.estimators.EncodedTable` of the data (encoded on first use, then shared)."""
-        if "table" not in self.cache:
-            from latentdiag.estimators import encode
+    def folded(self, key: str) -> Any:
+        """The result (``compute()``) of the accumulator declared under ``key`` by a metric (``"rate"``,
+        ``"table"``, ...), from the report's one pass; folded alone on first use when that pass did not hold it
+        (a context built outside :func:`run_report`, or a combined pass that failed: then this key's own error is
+        raised here)."""
+        if self.shared is None:
+            from latentdiag.report.shared_pass import SharedPass
 
-            self.cache["table"] = encode(self.model, self.data, **self.common)
+            self.shared = SharedPass({}, fallback=declared_accumulators())
+        return self.shared.result(key, self)
+
+    def table(self) -> Any:
+        """The :class:`~latentdiag.estimators.EncodedTable` of the data (:func:`latentdiag.encode`'s settings),
+        from the report's one pass (or encoded on first use), shared by the metrics of one report."""
+        if "table" not in self.cache:
+            self.cache["table"] = self.folded("table")
         return self.cache["table"]
 
 
@@ -84,6 +107,11 @@ class Metric:
     :class:`~latentdiag.report.check.Gate` (harmful direction, unit, tolerance, default membership, why) per
     result name (``"rate"``) or derived scalar (``"iw_nll.bits_per_dim"``). The report records them in every
     result of report.json; a declared result's unit must be the one its estimator reports.
+
+    ``accumulators`` declares the per-datapoint state the metric reads, ``{key: factory}`` with
+    ``factory(ctx) -> Accumulator`` (:mod:`latentdiag.estimators.fold`): the report folds the accumulators of all
+    chosen metrics in one pass, and ``run`` reads the result with ``ctx.folded(key)``. Metrics that name the same
+    key share one accumulator (so the factories of one key must build the same thing).
     """
 
     name: str
@@ -92,6 +120,7 @@ class Metric:
     needs: tuple[str, ...] = ()
     default: bool = True
     gates: Mapping[str, Gate] = field(default_factory=dict)
+    accumulators: Mapping[str, Callable[[MetricContext], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import re
@@ -104,6 +133,10 @@ class Metric:
                 raise ValueError(f"Metric {self.name!r}: gates key {ref!r} must be a result name or name.key.")
             if not isinstance(gate, Gate):
                 raise TypeError(f"Metric {self.name!r}: gates[{ref!r}] must be a Gate; got {type(gate).__name__}.")
+        if not isinstance(self.accumulators, Mapping) or not all(
+                isinstance(k, str) and callable(f) for k, f in self.accumulators.items()):
+            raise TypeError(f"Metric {self.name!r}: accumulators must be a dict of key -> factory(ctx); got "
+                            f"{self.accumulators!r}.")
 
 
 METRICS: dict[str, Metric] = {}
@@ -118,67 +151,119 @@ def register_metric(metric: Metric) -> None:
 
 
 def metric(name: str, description: str, *, gates: Mapping[str, Gate] | None = None, needs: tuple[str, ...] = (),
-           default: bool = True) -> Callable[[MetricRun], MetricRun]:
+           default: bool = True, accumulators: Mapping[str, Callable[[MetricContext], Any]] | None = None
+           ) -> Callable[[MetricRun], MetricRun]:
     """Declare a report metric where it is defined: ``@metric(name, description, gates={...})`` above its run
     function registers ``Metric(name, description, run, ...)`` (in definition order, the report's order), so each
-    number's unit and harmful direction (its :class:`Gate`) sit next to the code that computes it."""
+    number's unit and harmful direction (its :class:`Gate`) and the per-datapoint state it reads (its
+    ``accumulators``) sit next to the code that computes it."""
     def register(run: MetricRun) -> MetricRun:
-        register_metric(Metric(name, description, run, needs=needs, default=default, gates=dict(gates or {})))
+        register_metric(Metric(name, description, run, needs=needs, default=default, gates=dict(gates or {}),
+                               accumulators=dict(accumulators or {})))
         return run
     return register
+
+
+def declared_accumulators(names: Iterable[str] | None = None) -> dict[str, Callable[[MetricContext], Any]]:
+    """The accumulator factories the metrics ``names`` declare (default: every registered metric), by key, in
+    report order; the first declaration of a key wins (a shared key is one shared state)."""
+    out: dict[str, Callable[[MetricContext], Any]] = {}
+    for m in METRICS.values() if names is None else (METRICS[n] for n in names):
+        for key, factory in m.accumulators.items():
+            out.setdefault(key, factory)
+    return out
+
+
+# -- the per-datapoint accumulators, with the settings of the public functions (their defaults) ------------------
+
+def _rate_acc(ctx):
+    return RateAccumulator(mc_samples=64)                      # latentdiag.rate's default
+
+
+def _distortion_acc(ctx):
+    return DistortionAccumulator(samples=1)                    # latentdiag.distortion's default
+
+
+def _elbo_acc(ctx):
+    return ElboAccumulator(samples=1)                          # latentdiag.elbo's default
+
+
+def _iw_nll_acc(ctx):
+    return IwNllAccumulator(k=ctx.iw_samples)                  # --iw-samples, latentdiag.iw_nll's chunking
+
+
+def _table_acc(ctx):
+    return EncodeAccumulator(kl_samples=64)                    # latentdiag.encode's default
+
+
+class _DecodingAccumulator(DecodingAccumulator):
+    """decoding_divergence's accumulator whose ``compute()`` is the whole :class:`DecodingDivergence` (its
+    relative-position bins at the default 10)."""
+
+    def compute(self):
+        return decoding_result(self)
+
+
+def _decoding_acc(ctx):
+    # decoding_divergence's defaults: R = 5, the model's own pad_index, 32 datapoints per decoder call
+    return _DecodingAccumulator.for_model(ctx.model, 5, decode_batch=32, pad_index="auto")
+
+
+TABLE = {"table": _table_acc}
+"""The ``accumulators`` of a metric that reads :meth:`MetricContext.table`."""
 
 
 _NATS_NLL = "a worse bound on log p(x)"
 _BITS = "bits/dim"
 
-@metric("rate", "E KL(q(z|x) || p(z))", gates={
+@metric("rate", "E KL(q(z|x) || p(z))", accumulators={"rate": _rate_acc}, gates={
     "rate": Gate("down", "nats", default=True, why="the rate falling towards 0 is posterior collapse")})
 def _rate(ctx):
-    from latentdiag.estimators import rate
-    return [rate(ctx.model, ctx.data, **ctx.common)], {}
+    return [ctx.folded("rate")], {}
 
 
-@metric("distortion", "-E E_q log p(x|z)", gates={
+@metric("distortion", "-E E_q log p(x|z)", accumulators={"distortion": _distortion_acc}, gates={
     "distortion": Gate("up", "nats", why="worse reconstructions"),
     "distortion.bits_per_dim": Gate("up", _BITS, why="worse reconstructions")})
 def _distortion(ctx):
-    from latentdiag.estimators import distortion
-    return [distortion(ctx.model, ctx.data, **ctx.common)], {}
+    return [ctx.folded("distortion")], {}
 
 
-@metric("elbo", "ELBO = -(distortion + rate)", gates={
+@metric("elbo", "ELBO = -(distortion + rate)", accumulators={"elbo": _elbo_acc}, gates={
     "elbo": Gate("down", "nats", default=True, why=f"-ELBO rising: {_NATS_NLL}"),
     "elbo.negative_elbo_bits_per_dim": Gate("up", _BITS, default=True, why=f"-ELBO rising: {_NATS_NLL}")})
 def _elbo(ctx):
-    from latentdiag.estimators import elbo
-    return [elbo(ctx.model, ctx.data, **ctx.common)], {}
+    return [ctx.folded("elbo")], {}
 
 
-@metric("iw_nll", "importance-weighted NLL bound with --iw-samples", gates={
+@metric("iw_nll", "importance-weighted NLL bound with --iw-samples", accumulators={"iw_nll": _iw_nll_acc}, gates={
     "iw_nll": Gate("up", "nats", default=True, why=_NATS_NLL),
     "iw_nll.bits_per_dim": Gate("up", _BITS, default=True, why=_NATS_NLL),
     "iw_nll.perplexity": Gate("up", "", why=_NATS_NLL)})
 def _iw_nll(ctx):
-    from latentdiag.estimators import iw_nll
-    return [iw_nll(ctx.model, ctx.data, k=ctx.iw_samples, **ctx.common)], {}
+    return [ctx.folded("iw_nll")], {}
 
 
 @metric("iw_curve", "IW-NLL against K on 200 datapoints (plot)")
 def _iw_curve(ctx):
-    """IW-NLL against K on (at most) the first 200 datapoints: how far the bound still moves with K."""
+    """IW-NLL against K on (at most) the first 200 datapoints: how far the bound still moves with K. One pass
+    over those datapoints with one accumulator per K (each the :func:`latentdiag.iw_nll` of that K, same seed)."""
     from latentdiag._batching import iter_batches
-    from latentdiag.estimators import iw_nll
+    from latentdiag.estimators.fold import fold
+    from latentdiag.report.shared_pass import pass_batch_size
 
     x = torch.cat([b.x for b in iter_batches(ctx.data)])[:200]
     ks = sorted({k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if k < ctx.iw_samples}
                 | {ctx.iw_samples})
-    curve = [iw_nll(ctx.model, x, k=k, **ctx.common) for k in ks]
+    accs = [IwNllAccumulator(k=k) for k in ks]
+    fold(ctx.model, x, accs, batch_size=pass_batch_size(x), desc="iw_curve", **ctx.common)
+    curve = [acc.compute() for acc in accs]
     return [], {"iw_curve": {"k": ks, "nll": [c.value for c in curve], "stderr": [c.stderr for c in curve],
                              "n": int(x.shape[0]), "unit": curve[-1].unit}}
 
 
 @metric("aggregate", "the rate split: index-code MI and marginal KL as brackets (lower and upper ends), total "
-       "correlation, dimension-wise KL, and their convergence in N", gates={
+       "correlation, dimension-wise KL, and their convergence in N", accumulators=TABLE, gates={
     "mutual_information": Gate("down", "nats", default=True,
                                why="the code tells less about the input (lower end of the MI bracket)"),
     "mutual_information_upper": Gate("down", "nats", default=True,
@@ -210,7 +295,7 @@ def _aggregate(ctx):
     return [r for r in found if r is not None], plots
 
 
-@metric("active_units", "active units and per-dimension KL", gates={
+@metric("active_units", "active units and per-dimension KL", accumulators=TABLE, gates={
     "active_units": Gate("down", "dimensions", tolerance=1.0, default=True,
                          why="fewer latent dimensions in use; a count without standard error: a unit whose "
                              "activity sits at the threshold may flip, so one unit is tolerated")})
@@ -230,7 +315,7 @@ def _active_units(ctx):
     return out, plots
 
 
-@metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", gates={
+@metric("ks", "per-dimension Kolmogorov-Smirnov tests of q(z) against p(z)", accumulators=TABLE, gates={
     "ks_test": Gate("up", "dimensions", tolerance=1.0,
                     why="more dimensions whose marginal q(z_d) the test tells from p(z_d); a count without "
                         "standard error: one dimension is tolerated"),
@@ -243,7 +328,7 @@ def _ks(ctx):
     return [ks_test(ctx.table(), seed=ctx.seed)], {}
 
 
-@metric("mmd", "MMD two-sample test of q(z) against p(z)", gates={
+@metric("mmd", "MMD two-sample test of q(z) against p(z)", accumulators=TABLE, gates={
     "mmd2_aggregate_vs_prior": Gate("up", "squared kernel distance",
                                     why="q(z) moves away from p(z) (first-order U-statistic standard error; "
                                         "the bandwidth follows the data, so compare like with like)"),
@@ -273,7 +358,7 @@ def _mmd(ctx):
                                 extra={**est.extra, "n_total": float(n_all)})], {}
 
 
-@metric("histograms", "aggregate-posterior histograms against the prior (plot)")
+@metric("histograms", "aggregate-posterior histograms against the prior (plot)", accumulators=TABLE)
 def _histograms(ctx):
     """Samples of the aggregate posterior for the most active dimensions, and the prior's density, for plots."""
     from latentdiag.estimators.pairwise import marginal_log_prob
@@ -290,7 +375,8 @@ def _histograms(ctx):
                                "prior_density": None if log_p is None else log_p[:, top].exp().T.tolist()}}
 
 
-@metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum", gates={
+@metric("intrinsic_dimension", "PCA intrinsic dimension of the posterior means, with the eigen-spectrum",
+        accumulators=TABLE, gates={
            "intrinsic_dimension": Gate("down", "dimensions", tolerance=1.0,
                                        why="the posterior means span fewer directions; an integer summary: "
                                            "one dimension is tolerated on top of its bootstrap spread")})
@@ -308,7 +394,7 @@ def _intrinsic_dimension(ctx):
     return [est], {"eigenvalues": res.eigenvalues.tolist(), "eigen_cutoff": res.cutoff}
 
 
-@metric("conditional_entropy", "E_x H(q(z|x))", gates={
+@metric("conditional_entropy", "E_x H(q(z|x))", accumulators=TABLE, gates={
     "conditional_entropy": Gate("both", "nats", why="no harmful side of its own (wider posteriors, or "
                                                     "sharper ones that overfit): read it with the rate")})
 def _conditional_entropy(ctx):
@@ -316,7 +402,7 @@ def _conditional_entropy(ctx):
     return [conditional_entropy(ctx.table())], {}
 
 
-@metric("linear_probe", "linear SVM probe on posterior means (needs labels)", gates={
+@metric("linear_probe", "linear SVM probe on posterior means (needs labels)", accumulators=TABLE, gates={
     "linear_probe": Gate("down", "accuracy", why="the code separates the classes less well")})
 def _linear_probe(ctx):
     """Linear probe on the posterior means, trained on a seeded, class-stratified half of the evaluated data and
@@ -355,15 +441,15 @@ def _linear_probe(ctx):
 
 
 @metric("mixed_membership", "Pyro mixed-membership model of q(z) and the prior: marginal-KL lower bound "
-       "(slow: about half a minute)", default=False, gates={
+       "(slow: about half a minute)", default=False, accumulators=TABLE, gates={
            "marginal_kl_mixed_membership": Gate("up", "nats", why="the aggregate posterior drifts from the "
                                                                   "prior")})
 def _mixed_membership(ctx):
-    """Mixed-membership fit of this model's q(z) and its prior: a held-out lower bound on the marginal KL."""
+    """Mixed-membership fit of this model's q(z) and its prior: a held-out lower bound on the marginal KL. It
+    samples q(z) from the report's encoded table (no second encoder pass)."""
     from latentdiag.studies.compare import compare_aggregate_posteriors
 
-    mm = compare_aggregate_posteriors({"model": ctx.model}, ctx.data, seed=ctx.seed,
-                                      encode_kwargs={"device": ctx.device})
+    mm = compare_aggregate_posteriors({"model": ctx.table()}, None, seed=ctx.seed)
     ctx.artifacts["mixed_membership"] = mm
     kl = mm.marginal_kl()
     prior_kl = kl["prior"]
@@ -374,16 +460,15 @@ def _mixed_membership(ctx):
 
 
 @metric("decoding", "prior-vs-posterior decoding: Jensen-Shannon divergence and accuracy drop per position",
-        needs=("decoder_logits",), gates={
+        needs=("decoder_logits",), accumulators={"decoding": _decoding_acc}, gates={
            "decoding_js": Gate("down", "nats", why="the decoder's output depends less on the code (towards a "
                                                    "decoder that ignores z)"),
            "decoding_accuracy_drop": Gate("down", "fraction", why="the code helps the decoder less"),
            "decoding_mode_shift": Gate("down", "fraction", why="the code changes the decoder's argmax less")})
 def _decoding(ctx):
-    """Prior-vs-posterior decoding divergence; the result object goes to the figures, its profiles to JSON."""
-    from latentdiag.estimators import decoding_divergence
-
-    res = decoding_divergence(ctx.model, ctx.data, seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+    """Prior-vs-posterior decoding divergence (:func:`latentdiag.decoding_divergence`'s defaults, from the report's
+    pass); the result object goes to the figures, its profiles to JSON."""
+    res = ctx.folded("decoding")
     rel = {k: {"mean": v.mean.tolist(), "stderr": v.stderr.tolist()} for k, v in res.by_relative_position.items()}
     plots = {"decoding": {"positions": list(res.positions), "bin_edges": res.bin_edges.tolist(),
                           "by_relative_position": rel}}
@@ -406,7 +491,7 @@ from latentdiag.report.classification import run_classification_accuracy, run_ra
 metric("classification_accuracy", "the model's classifier q(y|x): accuracy on the evaluated split (needs labels)",
        needs=("classify",))(run_classification_accuracy)
 metric("rate_per_class", "KL(q(z|x) || p(z)) within each true class (needs labels and classify)",
-       needs=("classify",))(run_rate_per_class)
+       needs=("classify",), accumulators=TABLE)(run_rate_per_class)
 
 
 def _default_metrics() -> list[str]:
@@ -504,29 +589,41 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     (see :func:`latentdiag.aggregate_posterior`). None (the default): no bound; with ``progress`` the pairwise
     kernel shows a bar with the remaining time, and a :class:`~latentdiag.estimators.aggregate.LongComputationWarning`
     says the expected time when it exceeds a minute.
+
+    The per-datapoint metrics run in one pass over the data first (see the module docstring); a metric's timing
+    holds its own accumulator's share of that pass (the first metric reading the encoded table holds the
+    table's), and ``provenance["per_datapoint_pass"]`` says what the pass did: accumulators, datapoints, encoder
+    calls (all processes), batch size, processes and seconds (``shared_seconds``: encoding and batching, in no
+    metric's timing). Under an initialised ``torch.distributed`` process group every rank runs the report: the
+    pass is sharded across the ranks, and every rank gets the same report (``provenance["world_size"]``).
     """
     from latentdiag._runtime import resolve_device
     from latentdiag._validation import check_int, check_seed
     from latentdiag.errors import InsufficientDataError
+    from latentdiag.report.shared_pass import SharedPass
 
     names = resolve_metrics(metrics)
     seed, iw_samples = check_seed("seed", seed), check_int("iw_samples", iw_samples)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs, minimum=4)
     ctx = MetricContext(model=model, data=data, seed=seed, device=resolve_device(device, model), progress=progress,
-                   iw_samples=iw_samples, max_pairs=max_pairs)
+                        iw_samples=iw_samples, max_pairs=max_pairs)
     results: list[Estimate] = []
     skipped: dict[str, str] = {}
     plots: dict[str, Any] = {}
     timings: dict[str, float] = {}
     gates: dict[str, dict[str, Any]] = {}
+    missing = {name: [cap for cap in METRICS[name].needs if not has_capability(model, cap)] for name in names}
+    runnable = [name for name in names if not missing[name]]
+    ctx.shared = SharedPass(declared_accumulators(runnable), fallback=declared_accumulators())
+    ctx.shared.run(ctx)
     for name in names:
         metric = METRICS[name]
-        missing = [cap for cap in metric.needs if not has_capability(model, cap)]
-        if missing:
-            skipped[name] = f"the model lacks {', '.join(missing)}"
+        if missing[name]:
+            skipped[name] = f"the model lacks {', '.join(missing[name])}"
             continue
         start = time.perf_counter()
+        ctx.shared.charged = 0.0
         try:
             found, extra = metric.run(ctx)
         except (UnsupportedModelError, NotImplementedError) as err:
@@ -536,7 +633,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
             skipped[name] = f"too few data: {err}"
             continue
         finally:
-            timings[name] = time.perf_counter() - start
+            timings[name] = time.perf_counter() - start + ctx.shared.charged
         results += found
         gates.update({est.name: g for est in found if (g := _gates_of(metric, est))})
         plots.update(extra)
@@ -545,6 +642,9 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     timings = {k: v for k, v in timings.items() if k not in skipped}
     prov = provenance(model, ctx.device, seed)
     prov["options"] = {"metrics": names, "iw_samples": iw_samples, "seed": seed, "max_pairs": max_pairs}
+    if ctx.shared.info:
+        prov["per_datapoint_pass"] = {**ctx.shared.info, "metrics": [n for n in runnable
+                                                                     if METRICS[n].accumulators]}
     prov["observed_unit"] = "token" if getattr(data, "vocab", None) is not None else "dimension"
     prov.update(provenance_extra or {})
     return Report(results=results, skipped=skipped, plots=plots, timings=timings, provenance=prov,
@@ -552,10 +652,12 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
 
 
 def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:
-    """Package versions, device, dtype and seed: what a reader needs to reproduce or distrust a number."""
+    """Package versions, device, dtype, seed and the number of processes (``world_size``: 1, or the size of the
+    ``torch.distributed`` group the report ran in): what a reader needs to reproduce or distrust a number."""
     import datetime
     import importlib.metadata as md
 
+    from latentdiag._distributed import world
     from latentdiag._runtime import model_device
     from latentdiag.estimators._common import model_dtype
 
@@ -566,7 +668,7 @@ def provenance(model: Any, device: Any, seed: int) -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[dist] = None
     return {"versions": versions, "device": str(device), "model_device": str(model_device(model)),
-            "dtype": model_dtype(model), "seed": seed,
+            "dtype": model_dtype(model), "seed": seed, "world_size": world()[1],
             "platform": platform.platform(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), "torch_threads": torch.get_num_threads()}
 

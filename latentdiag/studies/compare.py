@@ -16,7 +16,7 @@ import torch
 from torch.distributions import Distribution
 
 from latentdiag._validation import check_int
-from latentdiag.estimators.encoded import encode
+from latentdiag.estimators.encoded import EncodedTable, encode
 from latentdiag.estimators.mixed_membership import MixedMembership, holdout_by_owner, mixed_membership, prior_draws
 
 __all__ = ["compare_aggregate_posteriors"]
@@ -29,7 +29,8 @@ def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, sample
     """Compare the aggregate posteriors q(z) of several models on one data set with the prior, in one
     mixed-membership fit.
 
-    Each model is encoded once (:func:`latentdiag.estimators.encoded.encode`); ancestral samples z ~ q(z|x_n),
+    Each model is encoded once (:func:`latentdiag.estimators.encoded.encode`), or its encoded table is given;
+    ancestral samples z ~ q(z|x_n),
     ``samples_per_point`` per datapoint (:meth:`~latentdiag.estimators.encoded.EncodedTable.sample`), form one group per model, and
     ``prior_samples`` draws of the first model's prior p(z) form the group ``"prior"``. Then
     :func:`~latentdiag.estimators.mixed_membership.mixed_membership` is fitted with ``prior`` set to that Distribution, so
@@ -38,10 +39,12 @@ def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, sample
 
     Parameters
     ----------
-    models : mapping of str to LatentVariableModel
-        Names (not ``"prior"``) to models with the same latent dimension.
-    data : data
-        The data set every model encodes.
+    models : mapping of str to LatentVariableModel or EncodedTable
+        Names (not ``"prior"``) to models with the same latent dimension, or to their
+        :class:`~latentdiag.estimators.encoded.EncodedTable` of the data (used as is: no second encoder pass, e.g.
+        the report's table).
+    data : data or None
+        The data set every model encodes (None when every value is an EncodedTable).
     samples_per_point : int
         Samples of q(z|x_n) per datapoint.
     prior_samples : int, optional
@@ -74,8 +77,12 @@ def compare_aggregate_posteriors(models: Mapping[str, Any], data: Any, *, sample
     owners: dict[str, torch.Tensor] = {}
     first_prior: Distribution | None = None
     dim = n_data = None
+    if data is None and not all(isinstance(m, EncodedTable) for m in models.values()):
+        raise ValueError("data is required unless every value of models is an EncodedTable; got data=None and "
+                         f"models {[n for n, m in models.items() if not isinstance(m, EncodedTable)]} to encode.")
     for name, model in models.items():
-        table = encode(model, data, seed=seed, **dict(encode_kwargs or {}))
+        table = model if isinstance(model, EncodedTable) else encode(model, data, seed=seed,
+                                                                     **dict(encode_kwargs or {}))
         if dim is not None and table.latent_dim != dim:
             raise ValueError(f"all models must have the same latent dimension; {name!r} has {table.latent_dim}, "
                              f"the first has {dim}.")

@@ -12,11 +12,13 @@ processes):
    the global-batch loss; under DDP each process backpropagates its share scaled so that the averaged gradients
    equal the single-process gradient on the same global batch.
 
-Monitoring (every ``monitor_every`` epochs, rank 0 only, on ``test_data``) calls the estimators, which run the
-model in eval mode without autocast: :func:`latentdiag.rate` (analytic or Monte Carlo KL),
-:func:`latentdiag.distortion`, the -ELBO bits/dim from the two, :func:`latentdiag.iw_nll` when ``iw_samples`` > 0,
-and the index-code mutual information of :func:`latentdiag.aggregate_posterior` over :func:`latentdiag.encode` of
-the test set (flagged when saturated at log N).
+Monitoring (every ``monitor_every`` epochs, on ``test_data``) is one pass of the library's accumulators over the
+test set (:func:`latentdiag.estimators.fold.fold`: the model in eval mode without autocast, each batch encoded
+once): the ELBO's rate (analytic or Monte Carlo KL) and distortion on the same samples, the -ELBO bits/dim from
+the two, the importance-weighted bound (:func:`latentdiag.iw_nll`) when ``iw_samples`` > 0, and the encoded table
+behind the index-code mutual information and marginal-KL brackets of :func:`latentdiag.aggregate_posterior`
+(flagged when saturated at log N). Under DDP every process takes part: the pass is sharded across them and each
+gets the same numbers.
 """
 
 from __future__ import annotations
@@ -200,26 +202,29 @@ def _distributed(mode: Any, device: Any) -> tuple[int, int, int]:
 
 def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: bool = True,
              batch_size: int = 256, seed: int = 0, max_points: int | None = None) -> dict[str, Any]:
-    """Test-set monitoring through the library's estimators, as a flat dict of floats.
+    """Test-set monitoring through the library's estimators, as a flat dict of floats: one pass over ``data``.
 
-    ``test_rate``, ``test_distortion`` and ``test_neg_elbo_bpd`` from one :func:`latentdiag.elbo` pass (one sample
-    per datapoint, so R + D = -ELBO exactly), the bits/dim a ratio of sums, sum_n (R_n + D_n) / (ln 2 sum_n d_n)
-    (d_n = ``num_dims``: tokens for text, so bits per token), ``test_iw_nll`` and its bits/dim (and perplexity for
-    text) (:func:`latentdiag.iw_nll`, K = ``iw_samples``, when > 0), ``test_bpd`` = the tighter of the two
-    bounds computed (IW when available) with ``test_bpd_bound`` naming it, and the index-code MI ``test_mi``
-    (:func:`latentdiag.aggregate_posterior` over :func:`latentdiag.encode`, the bracket's lower end, flagged
+    One :func:`~latentdiag.estimators.fold.fold` (each batch encoded once, draws keyed by datapoint with ``seed``)
+    of the accumulators of :func:`latentdiag.elbo`, :func:`latentdiag.iw_nll` (when ``iw_samples`` > 0) and
+    :func:`latentdiag.encode` (when ``mutual_information``) gives: ``test_rate``, ``test_distortion`` and
+    ``test_neg_elbo_bpd`` from the ELBO (one sample per datapoint, so R + D = -ELBO exactly), the bits/dim a ratio
+    of sums, sum_n (R_n + D_n) / (ln 2 sum_n d_n) (d_n = ``num_dims``: tokens for text, so bits per token),
+    ``test_iw_nll`` and its bits/dim (and perplexity for text) (K = ``iw_samples``), ``test_bpd`` = the tighter
+    of the two bounds computed (IW when available) with ``test_bpd_bound`` naming it, and the index-code MI
+    ``test_mi`` (:func:`latentdiag.aggregate_posterior` over the encoded table, the bracket's lower end, flagged
     ``test_mi_saturated`` within 1 nat of log N), with the upper end ``test_mi_upper`` and the marginal-KL bracket
-    ``test_marginal_kl_lower`` .. ``test_marginal_kl_upper``.
+    ``test_marginal_kl_lower`` .. ``test_marginal_kl_upper``. Each number is its public function's with this
+    ``seed`` (and the batch size). Under an initialised ``torch.distributed`` group every rank must call it (the
+    pass is sharded; every rank gets the same dict).
     """
     from latentdiag.estimators.aggregate import aggregate_posterior
-    from latentdiag.estimators.encoded import encode
-    from latentdiag.estimators.likelihood import elbo, iw_nll
 
     x = _as_x(data, "data")
     if max_points is not None:
         x = x[:check_int("max_points", max_points, minimum=2)]
     iw_samples = check_int("iw_samples", iw_samples, minimum=0)
-    e = elbo(model, x, batch_size=batch_size, seed=seed)  # rate, distortion and -ELBO on the same samples
+    accs, table_error = _monitor_pass(model, x, iw_samples, mutual_information, batch_size, seed)
+    e = accs["elbo"].compute()  # rate, distortion and -ELBO on the same samples
     n = int(e.n)
     per_dim = _bits_per_dim(model, x, -e.per_datapoint, e.extra, "negative_elbo_")
     out: dict[str, Any] = {
@@ -230,7 +235,7 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
     out["test_bpd"], out["test_bpd_stderr"], out["test_bpd_bound"] = (out["test_neg_elbo_bpd"],
                                                                       out["test_neg_elbo_bpd_stderr"], "-ELBO")
     if iw_samples:
-        nll = iw_nll(model, x, k=iw_samples, batch_size=batch_size, seed=child_seed(seed, "monitor.iw_nll"))
+        nll = accs["iw_nll"].compute()
         out["test_iw_nll"], out["test_iw_nll_stderr"] = nll.value, nll.stderr
         out["test_bpd"], out["test_bpd_stderr"] = _bits_per_dim(model, x, nll.per_datapoint, nll.extra, "")
         out["test_bpd_bound"] = f"IW k={iw_samples}"
@@ -238,7 +243,9 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
             out["test_perplexity"] = nll.extra["perplexity"]
     if mutual_information:
         try:
-            table = encode(model, x, batch_size=batch_size, seed=child_seed(seed, "monitor.encode"))
+            if table_error is not None:
+                raise table_error
+            table = accs["table"].compute()
             with torch.no_grad():  # a learned prior's log_prob would otherwise carry gradients
                 agg = aggregate_posterior(table, decompose=False, convergence=False,
                                           seed=child_seed(seed, "monitor.aggregate"))
@@ -255,6 +262,56 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
         out["test_marginal_kl_upper"] = agg.marginal_kl.value
         out["test_log_n"] = mi.extra["log_n"]
     return out
+
+
+def _monitor_pass(model: Any, x: torch.Tensor, iw_samples: int, mutual_information: bool, batch_size: int,
+                  seed: int) -> tuple[dict[str, Any], NotImplementedError | None]:
+    """Fold the monitoring's accumulators over ``x`` in one pass: ``{"elbo", "iw_nll"?, "table"?}``. A table the
+    fold cannot gather (a posterior family kept as Python objects, under DDP) is a NotImplementedError returned
+    with the others folded again without it, so that the likelihood numbers are still monitored."""
+    from latentdiag.estimators.encoded import EncodeAccumulator
+    from latentdiag.estimators.fold import fold
+    from latentdiag.estimators.likelihood import ElboAccumulator, IwNllAccumulator
+
+    def build(table: bool) -> dict[str, Any]:
+        accs: dict[str, Any] = {"elbo": ElboAccumulator(samples=1)}
+        if iw_samples:
+            accs["iw_nll"] = IwNllAccumulator(k=iw_samples)
+        if table:
+            accs["table"] = EncodeAccumulator()
+        return accs
+
+    batch_size = _monitor_batch(x.shape[0], batch_size)
+    accs = build(mutual_information)
+    try:
+        fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
+    except NotImplementedError as err:
+        if not mutual_information:
+            raise
+        accs = build(False)
+        fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
+        return accs, err
+    return accs, None
+
+
+def _monitor_batch(n: int, batch_size: int) -> int:
+    """``batch_size``, or fewer so that every DDP process folds at least one batch of the test set (a process
+    without a batch would not know the posterior family its encoded-table state needs); the keyed draws make the
+    numbers independent of it."""
+    from latentdiag._distributed import world
+
+    size = world()[1]
+    return batch_size if size <= 1 or n >= batch_size * size else max(1, -(-n // size))
+
+
+def _share_buffers(model: nn.Module) -> None:
+    """Under DDP, give every rank rank 0's buffers (BatchNorm running statistics) before monitoring: without
+    SyncBatchNorm each rank's statistics follow its own shard, and the sharded monitoring pass needs one model on
+    every rank. DDP copies rank 0's buffers at the start of its next forward anyway, so training is unchanged."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 # -- the trainer ---------------------------------------------------------------------------------------------------
@@ -326,8 +383,11 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
     callback : callable, optional
         Called on rank 0 with each epoch's record.
     hooks : sequence of callables
-        Each called on rank 0 as ``hook(model, epoch)`` after the epoch's monitoring (for example a
+        Each called as ``hook(model, epoch)`` after the epoch's monitoring (for example a
         ``latentdiag.report.callback.MetricsCallback``); the numbers of a returned mapping join the epoch's record.
+        Under DDP on every rank, like the monitoring, so that a hook evaluating with latentdiag's estimators
+        shards its pass over the processes (every rank must reach the same collectives); a hook that writes files
+        should do so on rank 0 only (``torch.distributed.get_rank() == 0``).
     """
     from latentdiag.adapters.loading import load_checkpoint
     from latentdiag.models.checkpoint import load_reference_checkpoint, save_checkpoint
@@ -450,14 +510,15 @@ def train(model: nn.Module | Mapping[str, Any] | None, train_data: Any, *, epoch
                 torch.cuda.synchronize(run_device)
             seconds = time.perf_counter() - t0
             record.update({"seconds": seconds, "images_per_s": record.pop("_images") / seconds})
-            if rank == 0 and x_test is not None and (epoch % monitor_every == 0 or epoch == epochs):
+            if x_test is not None and (epoch % monitor_every == 0 or epoch == epochs):
+                if world > 1:  # every rank monitors its shard of the test set (same numbers on every rank)
+                    _share_buffers(model)
                 record.update(evaluate(model, x_test, iw_samples=iw_samples,
                                        mutual_information=mutual_information, batch_size=monitor_batch_size,
                                        seed=seed, max_points=max_monitor))
-            if rank == 0:
-                for hook in hooks:
-                    extra = hook(model, epoch)
-                    record.update({k: v for k, v in (extra or {}).items() if k not in record})
+            for hook in hooks:  # on every rank: a hook that folds (MetricsCallback) shards its pass too
+                extra = hook(model, epoch)
+                record.update({k: v for k, v in (extra or {}).items() if k not in record})
             history.append(record)
             if rank == 0 and ckpt_path is not None:
                 training = {"epoch": epoch, "step": step, "optimizer": opt.state_dict(),
