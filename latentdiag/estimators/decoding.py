@@ -54,12 +54,16 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> to
         raise ValueError(f"js_divergence: log_p and log_q must have the same shape; got {tuple(log_p.shape)} and "
                          f"{tuple(log_q.shape)}.")
     log_p, log_q = log_p.to(torch.float64), log_q.to(torch.float64)
+    return _js(log_p, log_p.exp(), log_q, log_q.exp(), dim)
+
+
+def _js(log_p: torch.Tensor, p: torch.Tensor, log_q: torch.Tensor, q: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """:func:`js_divergence` from float64 log-probabilities and their exponentials (computed once by the caller
+    when one distribution meets many: the R x R pairs of the decoding metrics), broadcasting."""
     log_m = torch.where(log_p == log_q, log_p, torch.logaddexp(log_p, log_q) - _LN2)  # exactly 0 when P = Q
-    p, q = log_p.exp(), log_q.exp()
     zero = torch.zeros((), dtype=torch.float64, device=log_p.device)
-    kl_pm = torch.where(p > 0, p * (log_p - log_m), zero).sum(dim)
-    kl_qm = torch.where(q > 0, q * (log_q - log_m), zero).sum(dim)
-    return (0.5 * (kl_pm + kl_qm)).clamp(0.0, _LN2)
+    terms = torch.where(p > 0, p * (log_p - log_m), zero) + torch.where(q > 0, q * (log_q - log_m), zero)
+    return (0.5 * terms.sum(dim)).clamp(0.0, _LN2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -439,13 +443,14 @@ def _batch_metrics(model: Any, x: torch.Tensor, valid: torch.Tensor, z_q: torch.
                                      f"{int(bad.any(0).sum())} datapoint-position(s) that count; check the model "
                                      "(latentdiag.check_model can help).")
     post, prior = log_probs[:repeats], log_probs[repeats:]
+    probs = log_probs.exp()  # once, not once per pair
+    p_post, p_prior = probs[:repeats], probs[repeats:]
     js_between = torch.zeros(batch, flat_valid.shape[1], dtype=torch.float64, device=x.device)
     js_within = torch.zeros_like(js_between)
-    for r in range(repeats):
-        for s in range(repeats):
-            js_between += js_divergence(post[r], prior[s])
-        for s in range(r + 1, repeats):
-            js_within += js_divergence(post[r], post[s])
+    for r in range(repeats):  # posterior code r against all prior codes, and against the later posterior codes
+        js_between += _js(post[r], p_post[r], prior, p_prior).sum(0)
+        if r + 1 < repeats:
+            js_within += _js(post[r], p_post[r], post[r + 1:], p_post[r + 1:]).sum(0)
     js_between /= repeats ** 2
     js_within /= repeats * (repeats - 1) / 2
 

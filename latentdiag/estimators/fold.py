@@ -317,14 +317,14 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
                                                  group)
     from tqdm.auto import tqdm
 
-    seen, calls, keyed, mine = 0, 0, True, []
+    seen, calls, keyed, mine, n_batches = 0, 0, True, [], 0
     with evaluation(model):
         batches = iter_batches(data, batch_size=batch_size)
         for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0,
                                        leave=False)):
             n = int(batch.x.shape[0])
             index = torch.arange(seen, seen + n)
-            seen += n
+            seen, n_batches = seen + n, n_batches + 1
             if b % world_size != rank:
                 continue
             mine.append(index)
@@ -341,6 +341,9 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
                 keyed &= not view.unkeyed
     if world_size > 1:
         _distributed.check_same_across_ranks("data size (datapoints)", seen, group)
+        if n_batches < world_size:  # every rank sees every batch, so all raise alike
+            raise ValueError(f"the data make {n_batches} batch(es) for {world_size} processes: every "
+                             "process needs at least one batch; use a smaller batch_size or fewer processes.")
         calls = int(_distributed.all_reduce_sum(torch.tensor([calls]), group)[0])
         keyed = bool(_distributed.all_reduce_sum(torch.tensor([int(not keyed)]), group)[0] == 0)
     order = _data_order(mine, group)

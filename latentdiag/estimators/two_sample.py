@@ -118,7 +118,10 @@ def ks_test(model_or_table: Any, data: DataLike | None = None, *, samples_per_po
         u = (z - loc) / scale  # the same statistics against the standard normal CDF, all dimensions at once
 
         def resampled(rng: np.random.Generator) -> np.ndarray:
-            return stats.ks_1samp(u[rng.integers(0, u.shape[0], u.shape[0])], stats.norm.cdf, axis=0).statistic
+            # method="asymp": only the statistic is used, and the exact p-value of each column (n <= 10,000)
+            # costs ten times the statistic (0.78 s against 0.07 s per resample at n = 10,000, D = 64)
+            return stats.ks_1samp(u[rng.integers(0, u.shape[0], u.shape[0])], stats.norm.cdf, axis=0,
+                                  method="asymp").statistic
     else:
         zp = _draw_prior(table.prior, prior_samples, seed, d).numpy()
         results = [stats.ks_2samp(z[:, j], zp[:, j]) for j in range(d)]
