@@ -45,7 +45,7 @@ def sha256_arrays(*arrays: Any, names: tuple[str, ...] | None = None) -> str:
             continue
         if isinstance(a, torch.Tensor):
             t = a.detach().cpu().contiguous()
-            shape, dtype = tuple(t.shape), str(t.dtype)
+            shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")  # as numpy names it
             data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 0-dim too
         else:
             arr = np.ascontiguousarray(a)
