@@ -247,7 +247,8 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
 def decoding_result(acc: DecodingAccumulator, *, position_bins: int = 10) -> DecodingDivergence:
     """The :class:`DecodingDivergence` of a folded :class:`DecodingAccumulator`: what :func:`decoding_divergence`
     returns after its own fold, for a caller that folds the accumulator together with others (the report's one
-    pass). ``settings["batch_size"]`` is the accumulator's decoder batch."""
+    pass). ``settings["batch_size"]`` is the accumulator's decoder batch. The result's per-position arrays are the
+    accumulator's own (no N x positions copy), so compute the result once per accumulator."""
     position_bins = check_int("position_bins", position_bins)
     repeats, batch_size = acc.repeats, acc.decode_batch
     parts = [{key: acc.value(key) for key in acc.states}]
@@ -282,11 +283,17 @@ def decoding_result(acc: DecodingAccumulator, *, position_bins: int = 10) -> Dec
 
     by_position = {name: _profile_over_datapoints(flat[name], counted, positions) for name in METRICS}
     edges = np.linspace(0.0, 1.0, position_bins + 1)
-    rank = np.cumsum(counted, axis=1) - 1
-    rel = rank / np.maximum(lengths - 1, 1)[:, None]
-    bins = np.clip(np.floor(rel * position_bins).astype(np.int64), 0, position_bins - 1)
+    rel = np.cumsum(counted, axis=1, dtype=np.int64) - 1          # rank of each counted position ...
+    rel = rel / np.maximum(lengths - 1, 1)[:, None]                # ... as a relative position in [0, 1]
+    bins = np.clip(np.floor(rel * position_bins), 0, position_bins - 1).astype(np.int64)
+    del rel
     by_rel = {name: _binned_profile(flat[name], counted, bins, position_bins) for name in METRICS}
-    per_position = {name: np.where(mask_np, cols[name], np.nan) for name in METRICS}
+    del bins
+    per_position = {}
+    for name in METRICS:  # in place (these arrays are this result's own): NaN where a position does not count
+        values = cols[name]
+        values[~mask_np] = np.nan
+        per_position[name] = values
     profiles = (*by_position.values(), *by_rel.values())
     for array in (edges, mask_np, *per_position.values(),
                   *(a for prof in profiles for a in (prof.mean, prof.stderr, prof.count))):
@@ -502,6 +509,8 @@ def _assemble(parts: list[dict[str, torch.Tensor]]) -> tuple[tuple[int, ...], di
                 for key in ("mask", *METRICS):
                     part[key] = torch.nn.functional.pad(part[key], (0, extra), value=0)
     positions = tuple(parts[0]["mask"].shape[1:])
+    if len(parts) == 1:  # a folded accumulator's merged state: its arrays, not a copy (N x positions each)
+        return positions, {key: value.numpy() for key, value in parts[0].items()}
     cols = {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
     return positions, cols
 

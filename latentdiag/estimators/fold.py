@@ -234,7 +234,12 @@ class Accumulator:
             if rows.shape[0] != order.shape[0]:
                 raise ValueError(f"{self.name}: state {key!r} holds {rows.shape[0]} rows for {order.shape[0]} "
                                  "datapoints; a 'cat' state needs one row per datapoint.")
-            self._state[key] = rows[order]
+            self._state[key] = rows if _in_order(order) else rows[order]
+
+
+def _in_order(order: torch.Tensor) -> bool:
+    """Whether the gathered rows are already in data order (one process): then no reordering copy is made."""
+    return bool(torch.equal(order, torch.arange(order.shape[0])))
 
 
 def _ragged_width(shapes: set[tuple[int, ...]]) -> int | None:
