@@ -1,6 +1,10 @@
-"""Test-only model wrappers."""
+"""Test-only model wrappers, an encoder counter, and the launcher of real multi-process (gloo) runs."""
 
 from __future__ import annotations
+
+import json
+import multiprocessing
+import time
 
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, TransformedDistribution
@@ -63,3 +67,38 @@ def linear_gaussian_factory(state):
 def broken_factory(state):
     """A ``--model`` factory that fails with an exception type no loader expects."""
     raise IndexError("boom")
+
+
+class EncodeCounter:
+    """Counts ``model.encode`` calls and rows (an instance attribute shadowing the method, as the benchmark does)."""
+
+    def __init__(self, model) -> None:
+        self.calls = self.rows = 0
+        self._encode = model.encode
+        model.encode = self
+
+    def __call__(self, x):
+        self.calls += 1
+        self.rows += int(x.shape[0])
+        return self._encode(x)
+
+
+def run_ranks(target, tmp_path, *, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
+    """Run ``target(rank, world_size, init, out)`` in ``world_size`` spawned processes with a file:// rendezvous
+    under ``tmp_path`` and return each rank's JSON record (``out``). A run that outlives ``timeout`` seconds is
+    killed and fails the test (a hang never blocks CI); ``target`` records its own errors under "error"."""
+    ctx = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(world_size)]
+    procs = [ctx.Process(target=target, args=(r, world_size, init, outs[r])) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} did not finish within {timeout:g} s"
+    return [json.loads(open(o).read()) for o in outs]

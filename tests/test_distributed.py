@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
-import time
 import traceback
 
 import pytest
 import torch
+from helpers import run_ranks
 
 from latentdiag._distributed import (
     all_gather_cat,
@@ -129,21 +128,7 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
 
 
 def test_two_process_gloo_group(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, init, outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 60
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} did not finish within 60 s"
-    recs = [json.loads(open(o).read()) for o in outs]
+    recs = run_ranks(_rank_main, tmp_path, timeout=60)
     for rank, rec in enumerate(recs):
         assert "error" not in rec, f"rank {rank} failed:\n{rec['error']}"
         assert rec["world"] == [rank, 2]

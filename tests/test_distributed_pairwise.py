@@ -12,13 +12,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import multiprocessing
-import time
 import traceback
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_ranks
 from torch.distributions import Independent, Normal
 
 from latentdiag.estimators import two_sample
@@ -256,21 +255,7 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
 def ranks(tmp_path_factory):
     """The records of both ranks of one 2-process run (all checks share it: one start-up of two processes)."""
     tmp = tmp_path_factory.mktemp("gloo_pairwise")
-    ctx = multiprocessing.get_context("spawn")
-    init = f"file://{tmp / 'rendezvous'}"
-    outs = [str(tmp / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, init, outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 150
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} did not finish within 150 s"
-    recs = [json.loads(open(o).read()) for o in outs]
+    recs = run_ranks(_rank_main, tmp, timeout=150)
     for rank, rec in enumerate(recs):
         assert "error" not in rec, f"rank {rank} failed:\n{rec['error']}"
     return recs

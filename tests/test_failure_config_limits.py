@@ -6,7 +6,6 @@ against MAX_PARAMETERS (env LATENTDIAG_MAX_PARAMETERS, or max_parameters=...), i
 values are type-checked by the builders, and its shapes must match the recorded weights.
 """
 
-import os
 import time
 
 import pytest

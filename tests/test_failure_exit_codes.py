@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import sys
 
 import numpy as np
 import pytest

@@ -7,14 +7,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import multiprocessing
-import time
 import traceback
 
 import numpy as np
 import pytest
 import torch
-from helpers import MVNPriorModel
+from helpers import EncodeCounter, MVNPriorModel, run_ranks
 from test_decoding import TokenModel, _sentences
 
 import latentdiag as ld
@@ -29,25 +27,6 @@ from latentdiag.estimators.likelihood import (
     RateAccumulator,
 )
 from latentdiag.testing import LinearGaussianModel
-
-
-class EncodeCounter(torch.nn.Module):
-    """Counts encoder calls and the datapoints they saw."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls, self.rows = inner, 0, 0
-
-    def encode(self, x):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return self.inner.encode(x)
-
-    def prior(self):
-        return self.inner.prior()
-
-    def log_likelihood(self, x, z):
-        return self.inner.log_likelihood(x, z)
 
 
 def _model_and_data(n: int = 60):
@@ -89,9 +68,10 @@ def test_keyed_draws_are_standard_normal():
 
 def test_one_encoder_call_per_batch_for_all_accumulators_and_the_same_numbers_as_separate_calls():
     inner, x = _model_and_data(60)
-    model = EncodeCounter(inner)
+    model, _ = _model_and_data(60)
+    counter = EncodeCounter(model)
     run, (rate, dist, elbo, iw, table) = _all(model, x, 16)
-    assert model.calls == run.encoder_calls == 4 and model.rows == 60        # ceil(60 / 16) batches, each once
+    assert counter.calls == run.encoder_calls == 4 and counter.rows == 60        # ceil(60 / 16) batches, each once
     assert (rate.settings["kl"], elbo.settings["kl"]) == ("monte_carlo", "monte_carlo")
     # the public functions are one-accumulator folds: the same numbers
     assert ld.rate(inner, x, mc_samples=5, batch_size=16).value == rate.value
@@ -207,21 +187,7 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
 
 
 def test_two_processes_give_the_one_process_numbers(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, init, outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} did not finish within 120 s"
-    recs = [json.loads(open(o).read()) for o in outs]
+    recs = run_ranks(_rank_main, tmp_path, timeout=120)
     model, x = _model_and_data(37)
     run, (rate, dist_, elbo, iw, table) = _all(model, x, 8)
     dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)

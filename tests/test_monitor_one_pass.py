@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from helpers import EncodeCounter
+
 import latentdiag as ld
 from latentdiag._random import child_seed
 from latentdiag.models.lpvae import reference_config
@@ -24,18 +26,6 @@ TINY = {"latent_dim": 3, "input_shape": [1, 6, 6], "hidden": 16, "cond_channels"
         "levels": 4, "flow_hidden": 8, "flow_steps": 2}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class EncodeCounter:
-    def __init__(self, model) -> None:
-        self.calls = self.rows = 0
-        self._encode = model.encode
-        model.encode = self
-
-    def __call__(self, x):
-        self.calls += 1
-        self.rows += int(x.shape[0])
-        return self._encode(x)
 
 
 def _x(n: int, seed: int = 0) -> torch.Tensor:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import EncodeCounter
+
 import latentdiag as ld
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.data.spec import load_spec
@@ -17,20 +19,6 @@ from latentdiag.report import METRICS, Metric, register_metric, resolve_metrics,
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PER_DATAPOINT = ["rate", "distortion", "elbo", "iw_nll", "decoding"]
-
-
-class EncodeCounter:
-    """Counts ``model.encode`` calls and rows (an instance attribute shadowing the method, as the benchmark does)."""
-
-    def __init__(self, model) -> None:
-        self.calls = self.rows = 0
-        self._encode = model.encode
-        model.encode = self
-
-    def __call__(self, x):
-        self.calls += 1
-        self.rows += int(x.shape[0])
-        return self._encode(x)
 
 
 @pytest.fixture()
