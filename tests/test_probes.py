@@ -54,6 +54,28 @@ def test_linearly_separable_classes_give_near_perfect_linear_probe():
     assert all(s["C"] in res.settings["C_grid"] for s in res.per_seed_settings)
 
 
+def test_linear_seeds_in_threads_equal_the_serial_fits_and_convergence_is_flagged(monkeypatch):
+    import os
+    import warnings
+
+    rng = np.random.default_rng(5)
+    x, y = _blobs(400, rng, sep=1.5)
+    xt, yt = _blobs(300, rng, sep=1.5)
+    together = linear_probe(x, y, xt, yt, seeds=3, seed=4)                # threads, one per core (2 here)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)                      # the serial path
+    serial = linear_probe(x, y, xt, yt, seeds=3, seed=4)
+    alone = [linear_probe(x, y, xt, yt, seeds=1, seed=s).per_seed[0] for s in (4, 5, 6)]
+    assert together.per_seed == serial.per_seed == tuple(alone)
+    assert [i["C"] for i in together.per_seed_settings] == [i["C"] for i in serial.per_seed_settings]
+    monkeypatch.undo()
+    with warnings.catch_warnings(record=True) as caught:                  # liblinear stopped after 1 iteration:
+        warnings.simplefilter("always")                                   # flagged, noted, and no warning leaks
+        short = linear_probe(x, y, xt, yt, seeds=2, max_iter=1)
+    assert "not_converged" in short.flags and any("raise max_iter" in n for n in short.notes)
+    assert not [w for w in caught if "converge" in str(w.message).lower()]
+    assert "not_converged" not in together.flags
+
+
 @pytest.mark.parametrize("probe, opts", [(linear_probe, {}), (nonlinear_probe, FAST)])
 def test_labels_independent_of_the_representation_give_chance(probe, opts):
     rng = np.random.default_rng(1)
