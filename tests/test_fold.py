@@ -204,3 +204,15 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
         np.testing.assert_allclose(rec["decoding"], dec.js.per_datapoint, rtol=1e-6, atol=1e-9)
         assert rec["raised_data"] and "data size (datapoints) differs" in rec["raised_data"]
         assert rec["raised_model"] and "model (weights fingerprint) differs" in rec["raised_model"]
+
+
+def test_batch_size_for_world_gives_every_process_a_batch(monkeypatch):
+    from latentdiag import _distributed
+    from latentdiag.estimators.fold import batch_size_for_world
+
+    assert batch_size_for_world(10, 256) == 256                              # one process: unchanged
+    monkeypatch.setattr(_distributed, "world", lambda group=None: (0, 4))
+    assert batch_size_for_world(10, 256) == 3                                # ceil(10 / 4): 4 batches of <= 3
+    assert batch_size_for_world(torch.zeros(2000, 5), 256) == 256            # already 8 batches
+    assert batch_size_for_world((torch.zeros(9, 2), torch.zeros(9)), 256) == 3
+    assert batch_size_for_world(iter([torch.zeros(3, 2)]), 256) == 256       # unknown size: unchanged

@@ -44,7 +44,7 @@ from latentdiag._validation import clip_message
 from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 from latentdiag.estimators._common import NonFiniteEstimateError, check_model_arg, encode_checked, model_dtype
 
-__all__ = ["Accumulator", "BatchView", "FoldRun", "fold"]
+__all__ = ["Accumulator", "BatchView", "FoldRun", "fold", "batch_size_for_world"]
 
 _KINDS = ("sum", "cat", "local")
 
@@ -358,6 +358,27 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
         acc._finish(order, group)
         acc.run = run
     return run
+
+
+def batch_size_for_world(data: Any, batch_size: int, group: Any = None) -> int:
+    """``batch_size``, or fewer so that every process of a ``torch.distributed`` group folds at least one batch of
+    ``data`` (a fold refuses fewer batches than processes: a process without a batch would not learn the facts an
+    accumulator keeps, such as the posterior family). The draws are keyed by datapoint, so this changes no number.
+    ``data``: an int (the number of datapoints), a tensor / (x, y) pair, or anything with ``len``; data of unknown
+    size keep ``batch_size``."""
+    size = _distributed.world(group)[1]
+    if isinstance(data, int) and not isinstance(data, bool):
+        n = data
+    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        n = int(data[0].shape[0])
+    elif isinstance(data, torch.Tensor):
+        n = int(data.shape[0]) if data.ndim else None
+    else:
+        x = getattr(data, "x", None)
+        n = int(x.shape[0]) if isinstance(x, torch.Tensor) else (len(data) if hasattr(data, "__len__") else None)
+    if size <= 1 or n is None or n >= batch_size * size:
+        return batch_size
+    return max(1, -(-n // size))
 
 
 def _data_order(mine: list[torch.Tensor], group: Any) -> torch.Tensor:

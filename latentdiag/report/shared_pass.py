@@ -35,22 +35,12 @@ AccumulatorFactory = Callable[[Any], Any]
 
 
 def pass_batch_size(data: Any, batch_size: int = BATCH_SIZE) -> int:
-    """``batch_size``, or fewer so that every process of a ``torch.distributed`` group gets at least one batch.
+    """``batch_size``, or fewer so that every process of a ``torch.distributed`` group gets at least one batch
+    (:func:`latentdiag.estimators.fold.batch_size_for_world`); the draws are keyed by datapoint, so the batch size
+    changes no number."""
+    from latentdiag.estimators.fold import batch_size_for_world
 
-    A fold gives rank r the batches b with b % world_size == r; with fewer batches than ranks some rank folds
-    nothing, and an accumulator's per-process facts (the posterior family and prior an
-    :class:`~latentdiag.estimators.encoded.EncodeAccumulator` keeps, whether a KL was analytic) would then differ
-    between ranks. The draws are keyed by datapoint, so the batch size changes no number.
-    """
-    from latentdiag._distributed import world
-
-    size = world()[1]
-    n = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-    if isinstance(data, (tuple, list)) and data and hasattr(data[0], "shape"):
-        n = int(data[0].shape[0])
-    if size <= 1 or n is None or n >= batch_size * size:
-        return batch_size
-    return max(1, -(-n // size))
+    return batch_size_for_world(data, batch_size)
 
 
 class _UpdateClock:

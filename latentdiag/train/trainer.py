@@ -270,7 +270,7 @@ def _monitor_pass(model: Any, x: torch.Tensor, iw_samples: int, mutual_informati
     fold cannot gather (a posterior family kept as Python objects, under DDP) is a NotImplementedError returned
     with the others folded again without it, so that the likelihood numbers are still monitored."""
     from latentdiag.estimators.encoded import EncodeAccumulator
-    from latentdiag.estimators.fold import fold
+    from latentdiag.estimators.fold import batch_size_for_world, fold
     from latentdiag.estimators.likelihood import ElboAccumulator, IwNllAccumulator
 
     def build(table: bool) -> dict[str, Any]:
@@ -281,7 +281,7 @@ def _monitor_pass(model: Any, x: torch.Tensor, iw_samples: int, mutual_informati
             accs["table"] = EncodeAccumulator()
         return accs
 
-    batch_size = _monitor_batch(x.shape[0], batch_size)
+    batch_size = batch_size_for_world(x, batch_size)
     accs = build(mutual_information)
     try:
         fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
@@ -292,16 +292,6 @@ def _monitor_pass(model: Any, x: torch.Tensor, iw_samples: int, mutual_informati
         fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
         return accs, err
     return accs, None
-
-
-def _monitor_batch(n: int, batch_size: int) -> int:
-    """``batch_size``, or fewer so that every DDP process folds at least one batch of the test set (a process
-    without a batch would not know the posterior family its encoded-table state needs); the keyed draws make the
-    numbers independent of it."""
-    from latentdiag._distributed import world
-
-    size = world()[1]
-    return batch_size if size <= 1 or n >= batch_size * size else max(1, -(-n // size))
 
 
 def _share_buffers(model: nn.Module) -> None:
