@@ -216,3 +216,16 @@ def test_batch_size_for_world_gives_every_process_a_batch(monkeypatch):
     assert batch_size_for_world(torch.zeros(2000, 5), 256) == 256            # already 8 batches
     assert batch_size_for_world((torch.zeros(9, 2), torch.zeros(9)), 256) == 3
     assert batch_size_for_world(iter([torch.zeros(3, 2)]), 256) == 256       # unknown size: unchanged
+
+
+def test_merge_adds_the_rows_of_another_accumulator():
+    lg = LinearGaussianModel.random(5, 3, seed=1, posterior="mean_field")   # analytic KL: no draws
+    x = lg.sample(30, generator=torch.Generator().manual_seed(2))
+    whole, first, second = RateAccumulator(), RateAccumulator(), RateAccumulator()
+    fold(lg, x, [whole], batch_size=8)
+    fold(lg, x[:12], [first], batch_size=8)
+    fold(lg, x[12:], [second], batch_size=8)
+    first.merge(second)
+    np.testing.assert_allclose(first.compute().per_datapoint, whole.compute().per_datapoint, rtol=1e-12)
+    with pytest.raises(TypeError, match="can only merge a RateAccumulator"):
+        first.merge(DistortionAccumulator())

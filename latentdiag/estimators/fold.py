@@ -44,7 +44,7 @@ from latentdiag._validation import clip_message
 from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
 from latentdiag.estimators._common import NonFiniteEstimateError, check_model_arg, encode_checked, model_dtype
 
-__all__ = ["Accumulator", "BatchView", "FoldRun", "fold", "batch_size_for_world"]
+__all__ = ["Accumulator", "BatchView", "ColumnsAccumulator", "FoldRun", "fold", "batch_size_for_world"]
 
 _KINDS = ("sum", "cat", "local")
 
