@@ -21,8 +21,8 @@ from helpers import run_ranks
 from torch.distributions import Independent, Normal
 
 from latentdiag.estimators import two_sample
-from latentdiag.estimators._sharded import (ROW_ALIGN, agreed_seed, digest, process_local, row_range,
-                                            rows_across_ranks, sharding_world)
+from latentdiag._distributed import agreed_seed, process_local, world
+from latentdiag.estimators._sharded import ROW_ALIGN, digest, row_range, rows_across_ranks
 from latentdiag.estimators.convergence import nested_groups, nested_sizes
 from latentdiag.estimators.encoded import EncodedTable
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim
@@ -122,8 +122,8 @@ def test_digest_and_seed_without_a_group():
     assert digest(a, None) != digest(None, a)
     assert agreed_seed(None) is None and agreed_seed(7) == 7       # no group: unchanged, None stays fresh
     with process_local():
-        assert sharding_world() == (0, 1)
-    assert sharding_world() == (0, 1)
+        assert world() == (0, 1)
+    assert world() == (0, 1)
 
 
 # -- a real 2-process gloo group -----------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
 
     from latentdiag import aggregate_posterior, mmd_aggregate_vs_prior, mmd_test
     from latentdiag._distributed import all_reduce_sum
-    from latentdiag.estimators._sharded import process_local
+    from latentdiag._distributed import process_local
 
     torch.set_num_threads(1)
     rec: dict = {"cases": {}}

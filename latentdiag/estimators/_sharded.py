@@ -17,8 +17,9 @@ numbers. Three things keep the result the single-process one:
   were bit-identical to one process in every case tried (chunk sizes that are multiples of 64); elsewhere they
   agree within rounding (~1e-16 relative).
 
-Without a process group, or inside :func:`latentdiag._distributed.process_local`, every function here is the single-process identity: the
-kernel runs once over all rows.
+Without a process group, or inside :func:`latentdiag._distributed.process_local` (where
+:func:`latentdiag._distributed.world` is (0, 1)), every function here is the single-process identity: the kernel
+runs once over all rows.
 """
 
 from __future__ import annotations
@@ -30,19 +31,12 @@ import numpy as np
 import torch
 
 from latentdiag._hashing import sha256_arrays
-from latentdiag._distributed import agreed_seed, all_gather_cat, process_local, shard_indices, world
+from latentdiag._distributed import all_gather_cat, shard_indices, world
 
-__all__ = ["ROW_ALIGN", "process_local", "sharding_world", "row_range", "rows_across_ranks", "agreed_seed", "digest",
-           "max_across_ranks"]
+__all__ = ["ROW_ALIGN", "row_range", "rows_across_ranks", "digest", "max_across_ranks"]
 
 ROW_ALIGN = 64
 """Shards of rows start at multiples of this many rows (see the module docstring)."""
-
-def sharding_world(group: Any = None) -> tuple[int, int]:
-    """(rank, world_size) the pairwise estimators shard over: :func:`latentdiag._distributed.world` of ``group``
-    ((0, 1) inside :func:`latentdiag._distributed.process_local`)."""
-    return world(group)
-
 
 def row_range(rows: int, rank: int, world_size: int) -> range:
     """The rows ``range(start, stop)`` of shard ``rank`` of ``world_size``: :func:`shard_indices` over groups of
@@ -58,7 +52,7 @@ def rows_across_ranks(kernel: Callable[[int, int], torch.Tensor], rows: int, *, 
     whose result holds rows start..stop along ``dim``, and the shards are concatenated along ``dim`` in rank order
     (:func:`latentdiag._distributed.all_gather_cat`). Every rank gets the whole result. Without a process group (or
     with one process): ``kernel(0, rows)`` itself, nothing copied."""
-    rank, size = sharding_world(group)
+    rank, size = world(group)
     if size == 1:
         return kernel(0, rows)
     mine = row_range(rows, rank, size)
@@ -76,6 +70,6 @@ def digest(*arrays: torch.Tensor | np.ndarray | None) -> str:
 def max_across_ranks(value: float, group: Any = None) -> float:
     """The largest ``value`` over the ranks (``value`` without a process group): one number every rank agrees on,
     e.g. a timing that differs slightly per process."""
-    if sharding_world(group)[1] == 1:
+    if world(group)[1] == 1:
         return value
     return float(all_gather_cat(torch.tensor([value], dtype=torch.float64), group).max())

@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Normal
 
 from latentdiag._batching import DataLike
-from latentdiag._distributed import check_same_across_ranks
+from latentdiag._distributed import agreed_seed, check_same_across_ranks, world
 from latentdiag._distributions import analytic_kl, diagonal_marginals, is_diagonal_normal
 from latentdiag.errors import InsufficientDataError
 from latentdiag._validation import check_int, check_positive_float, check_seed
@@ -22,8 +22,7 @@ from latentdiag.estimators._common import mean_and_stderr, prior_device_dtype
 from latentdiag.estimators.convergence import Convergence, nested_groups, nested_sizes
 from latentdiag._random import torch_generator
 from latentdiag.estimators.encoded import EncodedTable, as_table
-from latentdiag.estimators._sharded import (agreed_seed, digest, max_across_ranks, row_range, rows_across_ranks,
-                                             sharding_world)
+from latentdiag.estimators._sharded import digest, max_across_ranks, row_range, rows_across_ranks
 from latentdiag.adapters.protocol import UnsupportedModelError
 from latentdiag.estimators.pairwise import logsumexp_log_q, logsumexp_log_q_per_dim, marginal_log_prob
 from latentdiag.results import Estimate
@@ -148,7 +147,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         Encoder options with a model (:func:`latentdiag.encode`; None: its default); omitted with a table.
     """
     seed = check_seed("seed", seed, allow_none=True)
-    proc, world_size = sharding_world()
+    proc, world_size = world()
     seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
     table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
                      progress=progress, seed=seed)

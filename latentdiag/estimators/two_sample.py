@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, MultivariateNormal
 
-from latentdiag._distributed import check_same_across_ranks
+from latentdiag._distributed import agreed_seed, check_same_across_ranks, world
 from latentdiag._distributions import is_diagonal_normal
 from latentdiag._random import numpy_rng, seeded, stream_seed
 from latentdiag._validation import check_choice, check_fraction, check_int, check_positive_float, check_seed
 from latentdiag.estimators._common import prior_device_dtype
 from latentdiag._batching import DataLike
 from latentdiag.estimators.encoded import as_table
-from latentdiag.estimators._sharded import agreed_seed, digest, rows_across_ranks, sharding_world
+from latentdiag.estimators._sharded import digest, rows_across_ranks
 from latentdiag.results import Estimate
 
 __all__ = ["ks_test", "mmd_test", "mmd_aggregate_vs_prior"]
@@ -262,7 +262,7 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}.")
     seed = check_seed("seed", seed, allow_none=True)
-    world_size = sharding_world()[1]
+    world_size = world()[1]
     seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
     if world_size > 1:
         check_same_across_ranks("samples and options of mmd_test", (
@@ -364,7 +364,7 @@ def mmd_aggregate_vs_prior(model_or_table: Any, data: DataLike | None = None, *,
     seed = agreed_seed(seed)  # under a process group: one seed for all ranks (a None seed drawn on rank 0)
     table = as_table(model_or_table, data, batch_size=batch_size, kl_samples=kl_samples, device=device,
                      progress=progress, seed=seed)
-    if sharding_world()[1] > 1:  # the table first, so that a mismatch names it (mmd_test checks its samples too)
+    if world()[1] > 1:  # the table first, so that a mismatch names it (mmd_test checks its samples too)
         check_same_across_ranks("encoded table and options of mmd_aggregate_vs_prior", (
             table.n, table.latent_dim, type(table.prior).__name__,
             digest(table.means if table.loc is None else table.loc, table.scale), samples_per_point,
