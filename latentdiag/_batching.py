@@ -77,7 +77,7 @@ def check_finite(x: torch.Tensor, name: str = "data", *, offset: int = 0, stream
 
 
 def _holds_whole_data(data: Any) -> bool:
-    """Whether ``data`` holds the whole data set at once (as :func:`_whole_data` reads it), not a stream."""
+    """Whether ``data`` holds the whole data set at once (as :func:`whole_data` reads it), not a stream."""
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return True
     if isinstance(data, tuple) and data and isinstance(data[0], (torch.Tensor, np.ndarray)):
@@ -87,7 +87,7 @@ def _holds_whole_data(data: Any) -> bool:
 
 def _raw_batches(data: DataLike, batch_size: int, name: str, check: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    whole = _whole_data(data, name)
+    whole = whole_data(data, name)
     if whole is not None:
         x, y = whole
         if x.ndim == 0:
@@ -112,7 +112,7 @@ def _raw_batches(data: DataLike, batch_size: int, name: str, check: bool = False
         yield _split_item(item, name)
 
 
-def _whole_data(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def whole_data(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(x, y)`` when ``data`` holds the whole data set at once, else None (it is then a stream of batches)."""
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return _as_tensor(data, name), None

@@ -169,11 +169,10 @@ def datapoint_normal(seed: int, purpose: str, index: Any, count: int, shape: tup
         raise ValueError(f"count and start must be >= 0; got count={count}, start={start}.")
     if count == 0:
         return torch.empty((0, idx.size, *shape), dtype=dtype)
-    first, last = _block_of(start), _block_of(start + count - 1)
-    lo = 2 ** first - 1                          # the first draw of block `first`
-    buf = torch.empty((idx.size, 2 ** (last + 1) - 1 - lo, *shape), dtype=torch.float64)
+    lo, hi = block_span(start, count)
+    buf = torch.empty((idx.size, hi - lo, *shape), dtype=torch.float64)
     gen = torch.Generator()
-    for block in range(first, last + 1):
+    for block in range(_block_of(start), _block_of(start + count - 1) + 1):
         size, at = 2 ** block, 2 ** block - 1 - lo
         for b, s in enumerate(datapoint_seeds(seed, purpose, idx, block).tolist()):
             gen.manual_seed(s)

@@ -26,6 +26,7 @@ from latentdiag._distributed import (
     process_local,
     world,
 )
+from latentdiag._batching import whole_data
 from latentdiag._hashing import sha256_arrays
 
 __all__ = ["world", "is_distributed", "process_local", "gather_objects", "broadcast_object",
@@ -33,16 +34,14 @@ __all__ = ["world", "is_distributed", "process_local", "gather_objects", "broadc
 
 
 def data_fingerprint(data: Any) -> tuple[int, str]:
-    """(datapoints, SHA-256 of x and y) of a tensor, an (x, y) pair or a split with ``x`` / ``y`` (shapes, dtypes
-    and values); ``(len(data), "")`` for other data (a Dataset, a loader: only their size can be compared)."""
-    import torch
-
-    x, y = getattr(data, "x", data), getattr(data, "y", None)
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        x, y = data[0], data[1] if len(data) > 1 else None
-    if not isinstance(x, torch.Tensor):
+    """(datapoints, SHA-256 of x and y) of whole data: a tensor or array, an (x, y) tuple or a split with ``x`` /
+    ``y`` (shapes, dtypes and values); ``(len(data), "")`` for other data (a Dataset, a loader, a list of batches:
+    only their size can be compared)."""
+    whole = whole_data(data, "data")  # x and y as the estimators' batching reads them
+    if whole is None:
         return (len(data) if hasattr(data, "__len__") else -1), ""
-    return int(x.shape[0]), sha256_arrays(x, y if isinstance(y, torch.Tensor) else None)
+    x, y = whole
+    return int(x.shape[0]), sha256_arrays(x, y)
 
 
 def check_same_inputs(model: Any, data: Any, options: Any = None, group: Any = None) -> None:

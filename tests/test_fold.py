@@ -29,6 +29,26 @@ from latentdiag.estimators.likelihood import (
 from latentdiag.testing import LinearGaussianModel
 
 
+class LaplaceModel(torch.nn.Module):
+    """A posterior family the encoded table keeps as Python objects (no location-scale form we know)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def encode(self, x):
+        from torch.distributions import Independent, Laplace
+
+        q = self.inner.encode(x)
+        return Independent(Laplace(q.mean, torch.ones_like(q.mean)), 1)
+
+    def prior(self):
+        return self.inner.prior()
+
+    def log_likelihood(self, x, z):
+        return self.inner.log_likelihood(x, z)
+
+
 def _model_and_data(n: int = 60):
     lg = LinearGaussianModel.random(5, 3, seed=1, posterior="mean_field")
     return MVNPriorModel(lg), lg.sample(n, generator=torch.Generator().manual_seed(2))  # Monte Carlo KL
@@ -118,7 +138,7 @@ def test_decoding_accumulator_decodes_in_its_own_smaller_batches():
     model = TokenModel(read=2)
     a, b = DecodingAccumulator(repeats=3, decode_batch=4), DecodingAccumulator(repeats=3, decode_batch=30)
     fold(model, x, [a, b], batch_size=30)
-    np.testing.assert_allclose(a.compute()["js"], b.compute()["js"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a.compute().per_position["js"], b.compute().per_position["js"], rtol=1e-6, atol=1e-9)
 
 
 def test_seed_none_is_fresh_per_run_and_shared_within_one():
@@ -171,6 +191,14 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
         rec["world_size_setting"] = rate.settings.get("world_size")
         dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)
         rec["decoding"] = dec.js.per_datapoint.tolist()
+        lap_rate, lap_table = RateAccumulator(mc_samples=4), EncodeAccumulator(kl_samples=4)
+        fold(LaplaceModel(model.inner), x, [lap_rate, lap_table], batch_size=8)
+        rec["laplace_rate_finite"] = bool(np.isfinite(lap_rate.compute().value))   # the others of the fold compute
+        try:
+            lap_table.compute()
+            rec["laplace_table"] = None
+        except NotImplementedError as err:
+            rec["laplace_table"] = str(err)
         for key, call in {"data": lambda: fold(model, x[:30 + rank], [RateAccumulator()], batch_size=8),
                           "model": lambda: fold(MVNPriorModel(LinearGaussianModel.random(5, 3, seed=rank, posterior="mean_field")), x,
                                                 [RateAccumulator()], batch_size=8)}.items():
@@ -204,6 +232,8 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
         np.testing.assert_allclose(rec["decoding"], dec.js.per_datapoint, rtol=1e-6, atol=1e-9)
         assert rec["raised_data"] and "data size (datapoints) differs" in rec["raised_data"]
         assert rec["raised_model"] and "model (weights fingerprint) differs" in rec["raised_model"]
+        assert rec["laplace_rate_finite"]
+        assert rec["laplace_table"] and "encode: its state 'batches' holds Python objects" in rec["laplace_table"]
 
 
 def test_batch_size_for_world_gives_every_process_a_batch(monkeypatch):

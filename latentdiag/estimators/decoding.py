@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from latentdiag._batching import DataLike, iter_batches
-from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
+from latentdiag._distributions import diagonal_marginals, from_standard_normal
 from latentdiag._random import torch_generator
 from latentdiag._runtime import evaluation, model_device
 from latentdiag._validation import check_int, check_seed
@@ -28,7 +28,7 @@ from latentdiag.estimators._common import NonFiniteEstimateError, check_model_ar
 from latentdiag.estimators.fold import Accumulator, BatchView, fold
 from latentdiag.results import Estimate
 
-__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoding_result", "decoded_examples",
+__all__ = ["DecodingDivergence", "PositionProfile", "decoding_divergence", "decoded_examples",
            "js_divergence", "METRICS"]
 
 _LN2 = math.log(2.0)
@@ -236,24 +236,23 @@ def decoding_divergence(model: Any, data: DataLike, repeats: int = 5, *, seed: i
     DecodingDivergence
     """
     batch_size = check_int("batch_size", batch_size)
-    position_bins = check_int("position_bins", position_bins)
     seed = check_seed("seed", seed, allow_none=True)
-    acc = DecodingAccumulator.for_model(model, repeats, decode_batch=batch_size, pad_index=pad_index, mask=mask)
+    acc = DecodingAccumulator.for_model(model, repeats, decode_batch=batch_size, pad_index=pad_index, mask=mask,
+                                        position_bins=position_bins)
     fold(model, data, [acc], batch_size=batch_size, seed=seed, device=device, progress=progress,
          desc="decoding_divergence")
-    return decoding_result(acc, position_bins=position_bins)
+    return acc.compute()
 
 
-def decoding_result(acc: DecodingAccumulator, *, position_bins: int = 10) -> DecodingDivergence:
-    """The :class:`DecodingDivergence` of a folded :class:`DecodingAccumulator`: what :func:`decoding_divergence`
-    returns after its own fold, for a caller that folds the accumulator together with others (the report's one
-    pass). ``settings["batch_size"]`` is the accumulator's decoder batch. The result's per-position arrays are the
-    accumulator's own (no N x positions copy), so compute the result once per accumulator."""
-    position_bins = check_int("position_bins", position_bins)
-    repeats, batch_size = acc.repeats, acc.decode_batch
-    parts = [{key: acc.value(key) for key in acc.states}]
-    positions, cols = _assemble(parts)
+def _result(acc: DecodingAccumulator) -> DecodingDivergence:
+    """The :class:`DecodingDivergence` of a folded :class:`DecodingAccumulator` (its ``compute()``).
+    ``settings["batch_size"]`` is the accumulator's decoder batch. The result's per-position arrays are the
+    accumulator's own (no N x positions copy: ragged sequences were already padded by the fold), so compute the
+    result once per accumulator."""
+    repeats, batch_size, position_bins = acc.repeats, acc.decode_batch, acc.position_bins
+    cols = {key: acc.value(key).numpy() for key in acc.states}
     mask_np = cols.pop("mask")
+    positions = tuple(mask_np.shape[1:])
     counted = mask_np.reshape(mask_np.shape[0], -1)
     lengths = counted.sum(1)
     if not lengths.any():
@@ -352,20 +351,23 @@ class DecodingAccumulator(Accumulator):
     states = {key: "cat" for key in ("mask", *METRICS, "js_between", "js_within", "accuracy_posterior",
                                      "accuracy_prior", "disagreement_between", "disagreement_within")}
 
-    def __init__(self, *, repeats: int = 5, decode_batch: int = 32, pad: int | None = None, mask: Any = None) -> None:
+    def __init__(self, *, repeats: int = 5, decode_batch: int = 32, pad: int | None = None, mask: Any = None,
+                 position_bins: int = 10, padding: str | None = None) -> None:
         super().__init__()
         self.repeats = check_int("repeats", repeats, minimum=2)
         self.decode_batch = check_int("decode_batch", decode_batch)
+        self.position_bins = check_int("position_bins", position_bins)
         self.pad, self.mask = pad, mask
-        self.padding = "none" if pad is None else f"pad_index={pad}"  # how padding was chosen, for the settings
+        # how padding was chosen, for the settings ("pad_index=0 (the model's)" from for_model)
+        self.padding = padding or ("none" if pad is None else f"pad_index={pad}")
         if mask is not None:
             self.padding += " and mask"
 
     @classmethod
     def for_model(cls, model: Any, repeats: int = 5, *, decode_batch: int = 32, pad_index: int | str | None = "auto",
-                  mask: Any = None) -> DecodingAccumulator:
+                  mask: Any = None, position_bins: int = 10) -> DecodingAccumulator:
         """The accumulator :func:`decoding_divergence` folds, its options checked as there (``pad_index="auto"``:
-        the model's own ``pad_index``); :func:`decoding_result` turns it into the result after a fold."""
+        the model's own ``pad_index``); its ``compute()`` after a fold is the :class:`DecodingDivergence`."""
         check_model_arg(model)
         require_capability(model, "decoder_logits", needed_by="decoding_divergence")
         repeats = check_int("repeats", repeats, minimum=2)
@@ -375,9 +377,8 @@ class DecodingAccumulator(Accumulator):
                             f"{type(mask).__name__}.")
         if isinstance(mask, np.ndarray):
             mask = torch.from_numpy(mask)
-        acc = cls(repeats=repeats, decode_batch=decode_batch, pad=pad, mask=mask)
-        acc.padding = pad_rule if mask is None else f"{pad_rule} and mask"
-        return acc
+        return cls(repeats=repeats, decode_batch=decode_batch, pad=pad, mask=mask, position_bins=position_bins,
+                   padding=pad_rule)
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.is_floating_point() and not bool((x == torch.round(x)).all()):
@@ -402,8 +403,8 @@ class DecodingAccumulator(Accumulator):
             for key, value in out.items():
                 self.add(key, value)
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {key: self.value(key) for key in self.states}
+    def compute(self) -> DecodingDivergence:
+        return _result(self)
 
 
 def _batch_mask(mask: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -495,26 +496,6 @@ def _targets(x: torch.Tensor, vocab: int, valid: torch.Tensor) -> torch.Tensor:
 
 # -- aggregation ----------------------------------------------------------------------------------------------
 
-def _assemble(parts: list[dict[str, torch.Tensor]]) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
-    """Concatenate batches; 1-D positions of different lengths are right-padded (not counted)."""
-    shapes = {tuple(part["mask"].shape[1:]) for part in parts}
-    if len(shapes) > 1:
-        if any(len(s) != 1 for s in shapes):
-            raise ValueError(f"batches have different position shapes {sorted(shapes)}; only 1-D sequences may "
-                             "differ in length between batches.")
-        longest = max(s[0] for s in shapes)
-        for part in parts:
-            extra = longest - part["mask"].shape[1]
-            if extra:
-                for key in ("mask", *METRICS):
-                    part[key] = torch.nn.functional.pad(part[key], (0, extra), value=0)
-    positions = tuple(parts[0]["mask"].shape[1:])
-    if len(parts) == 1:  # a folded accumulator's merged state: its arrays, not a copy (N x positions each)
-        return positions, {key: value.numpy() for key, value in parts[0].items()}
-    cols = {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
-    return positions, cols
-
-
 def _token_mean(values: np.ndarray, counted: np.ndarray, keep: np.ndarray) -> dict[str, float]:
     """Token-weighted mean r = sum a_n / sum L_n and its delta-method standard error over datapoints."""
     a = np.where(counted, values, 0.0).sum(1)[keep]
@@ -571,10 +552,8 @@ def decoded_examples(model: Any, data: DataLike, n: int = 5, *, seed: int | None
     with evaluation(model), torch.no_grad():
         q, p = model.encode(x.to(device)), model.prior()
         eps = torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64)
-        if is_diagonal_normal(q):
-            loc, scale = diagonal_marginals(q)
-            z_post = loc + scale * eps.to(loc)
-        else:
+        z_post = from_standard_normal(q, eps)
+        if z_post is None:  # no location-scale form
             z_post = q.sample()
         loc, scale = diagonal_marginals(p)
         z_prior = loc + scale * torch.randn(x.shape[0], q.event_shape[0], generator=gen, dtype=torch.float64).to(loc)

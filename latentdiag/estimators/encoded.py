@@ -15,7 +15,7 @@ from latentdiag._random import seeded, torch_generator
 from latentdiag._distributions import diagonal_marginals, is_diagonal_normal
 from latentdiag._validation import check_int
 from latentdiag.adapters.protocol import LatentVariableModel
-from latentdiag.estimators.fold import Accumulator, BatchView, fold
+from latentdiag.estimators.fold import Accumulator, BatchView, fold, require_finite
 
 __all__ = ["EncodeAccumulator", "EncodedTable", "diag_normal_log_prob", "encode"]
 
@@ -193,14 +193,7 @@ class EncodeAccumulator(Accumulator):
             self.add("labels", view.y.detach().cpu())
 
     def compute(self) -> EncodedTable:
-        kl = self.value("kl").numpy()
-        bad = int((~np.isfinite(kl)).sum())
-        if bad:
-            from latentdiag.estimators._common import NonFiniteEstimateError
-
-            raise NonFiniteEstimateError(f"encode: {bad} of {kl.size} datapoints gave a non-finite kl (NaN or inf); "
-                                         "check the model's outputs on those datapoints (latentdiag.check_model can "
-                                         "help).")
+        kl = require_finite(self.name, "kl", self.value("kl").numpy())
         unlabelled = self.value("unlabelled")
         labels = self.value("labels") if unlabelled is None else None
         run = self.run

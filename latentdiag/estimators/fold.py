@@ -35,7 +35,7 @@ import torch
 from torch.distributions import Distribution
 
 from latentdiag import _distributed
-from latentdiag._batching import DataLike, iter_batches
+from latentdiag._batching import DataLike, whole_data, iter_batches
 from latentdiag._distributions import analytic_kl, from_standard_normal, has_standard_normal_form, kl_divergence
 from latentdiag._random import block_span, datapoint_normal, resolve_seed, seeded
 from latentdiag._runtime import check_model_on, evaluation, resolve_device
@@ -147,6 +147,7 @@ class Accumulator:
             if kind not in _KINDS:
                 raise ValueError(f"{type(self).__name__}.states[{key!r}] must be one of {_KINDS}; got {kind!r}.")
         self._state: dict[str, Any] = {k: (None if kind == "sum" else []) for k, kind in self.states.items()}
+        self._unavailable: dict[str, Exception] = {}  # states a sharded fold could not merge, raised on reading
         self.run: FoldRun | None = None  # set by fold() once the states are merged
 
     # the contract --------------------------------------------------------------------------------------------
@@ -174,7 +175,10 @@ class Accumulator:
 
     def value(self, key: str) -> Any:
         """The merged state ``key``: the sum (None when nothing was added), the rows in data order (a tensor), or
-        the list of local objects."""
+        the list of local objects. A "local" state that a sharded fold could not merge raises NotImplementedError
+        here, so that only the accumulator that needs it fails (the others of the fold are unaffected)."""
+        if key in self._unavailable:
+            raise self._unavailable[key]
         kind, state = self.states[key], self._state[key]
         if kind != "cat":
             return state
@@ -212,8 +216,9 @@ class Accumulator:
                 continue
             if kind == "local":
                 if distributed and any(_distributed.gather_objects(len(state), group)):
-                    raise NotImplementedError(f"{self.name}: its state {key!r} holds Python objects that cannot be "
-                                              "gathered across processes; run it in one process.")
+                    self._unavailable[key] = NotImplementedError(
+                        f"{self.name}: its state {key!r} holds Python objects that cannot be gathered across "
+                        "processes; run it in one process.")
                 continue
             shapes = {tuple(t.shape[1:]) for t in state}
             dtype = state[0].dtype if state else None
@@ -325,12 +330,11 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
     seen, calls, keyed, mine, n_batches = 0, 0, True, [], 0
     with evaluation(model):
         batches = iter_batches(data, batch_size=batch_size)
-        for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0,
-                                       leave=False)):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False):
             n = int(batch.x.shape[0])
             index = torch.arange(seen, seen + n)
             seen, n_batches = seen + n, n_batches + 1
-            if b % world_size != rank:
+            if (n_batches - 1) % world_size != rank:
                 continue
             mine.append(index)
             x = batch.x.to(run_device, non_blocking=True)
@@ -364,19 +368,19 @@ def batch_size_for_world(data: Any, batch_size: int, group: Any = None) -> int:
     """``batch_size``, or fewer so that every process of a ``torch.distributed`` group folds at least one batch of
     ``data`` (a fold refuses fewer batches than processes: a process without a batch would not learn the facts an
     accumulator keeps, such as the posterior family). The draws are keyed by datapoint, so this changes no number.
-    ``data``: an int (the number of datapoints), a tensor / (x, y) pair, or anything with ``len``; data of unknown
-    size keep ``batch_size``."""
+    ``data``: an int (the number of datapoints), whole data (a tensor, an (x, y) tuple, a split with ``x``) or a
+    map-style Dataset; a stream of batches (a list, a loader: ``batch_size`` does not apply to it) keeps
+    ``batch_size``."""
     size = _distributed.world(group)[1]
+    if size <= 1:
+        return batch_size
     if isinstance(data, int) and not isinstance(data, bool):
         n = data
-    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        n = int(data[0].shape[0])
-    elif isinstance(data, torch.Tensor):
-        n = int(data.shape[0]) if data.ndim else None
-    else:
-        x = getattr(data, "x", None)
-        n = int(x.shape[0]) if isinstance(x, torch.Tensor) else (len(data) if hasattr(data, "__len__") else None)
-    if size <= 1 or n is None or n >= batch_size * size:
+    else:  # whole data as iter_batches reads them, or a map-style Dataset; a stream of batches ignores batch_size
+        whole = whole_data(data, "data")
+        n = int(whole[0].shape[0]) if whole is not None and whole[0].ndim else (
+            len(data) if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") else None)
+    if n is None or n >= batch_size * size:
         return batch_size
     return max(1, -(-n // size))
 
@@ -465,10 +469,16 @@ class ColumnsAccumulator(Accumulator):
             values = self.value(key)
             if values.numel() == 0:
                 continue
-            cols[key] = values.numpy()
-            bad = int((~np.isfinite(cols[key])).sum())
-            if bad:
-                raise NonFiniteEstimateError(
-                    f"{self.name}: {bad} of {cols[key].size} datapoints gave a non-finite {key} (NaN or inf); "
-                    "check the model's outputs on those datapoints (latentdiag.check_model can help).")
+            cols[key] = require_finite(self.name, key, values.numpy())
         return self.result(cols)
+
+
+def require_finite(estimator: str, key: str, values: np.ndarray) -> np.ndarray:
+    """``values`` (one per datapoint), or :class:`NonFiniteEstimateError` naming the estimator, the column and how
+    many datapoints gave NaN or inf."""
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise NonFiniteEstimateError(
+            f"{estimator}: {bad} of {values.size} datapoints gave a non-finite {key} (NaN or inf); check the "
+            "model's outputs on those datapoints (latentdiag.check_model can help).")
+    return values

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from latentdiag.adapters.protocol import UnsupportedModelError, has_capability
-from latentdiag.estimators.decoding import DecodingAccumulator, decoding_result
+from latentdiag.estimators.decoding import DecodingAccumulator
 from latentdiag.estimators.encoded import EncodeAccumulator
 from latentdiag.estimators.likelihood import DistortionAccumulator, ElboAccumulator, IwNllAccumulator, RateAccumulator
 from latentdiag.report.check import Gate
@@ -177,15 +177,15 @@ def declared_accumulators(names: Iterable[str] | None = None) -> dict[str, Calla
 # -- the per-datapoint accumulators, with the settings of the public functions (their defaults) ------------------
 
 def _rate_acc(ctx):
-    return RateAccumulator(mc_samples=64)                      # latentdiag.rate's default
+    return RateAccumulator()                                   # latentdiag.rate's defaults
 
 
 def _distortion_acc(ctx):
-    return DistortionAccumulator(samples=1)                    # latentdiag.distortion's default
+    return DistortionAccumulator()                             # latentdiag.distortion's defaults
 
 
 def _elbo_acc(ctx):
-    return ElboAccumulator(samples=1)                          # latentdiag.elbo's default
+    return ElboAccumulator()                                   # latentdiag.elbo's defaults
 
 
 def _iw_nll_acc(ctx):
@@ -193,20 +193,12 @@ def _iw_nll_acc(ctx):
 
 
 def _table_acc(ctx):
-    return EncodeAccumulator(kl_samples=64)                    # latentdiag.encode's default
-
-
-class _DecodingAccumulator(DecodingAccumulator):
-    """decoding_divergence's accumulator whose ``compute()`` is the whole :class:`DecodingDivergence` (its
-    relative-position bins at the default 10)."""
-
-    def compute(self):
-        return decoding_result(self)
+    return EncodeAccumulator()                                 # latentdiag.encode's defaults
 
 
 def _decoding_acc(ctx):
     # decoding_divergence's defaults: R = 5, the model's own pad_index, 32 datapoints per decoder call
-    return _DecodingAccumulator.for_model(ctx.model, 5, decode_batch=32, pad_index="auto")
+    return DecodingAccumulator.for_model(ctx.model, 5, decode_batch=32, pad_index="auto")
 
 
 TABLE = {"table": _table_acc}

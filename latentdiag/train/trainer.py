@@ -223,7 +223,7 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
     if max_points is not None:
         x = x[:check_int("max_points", max_points, minimum=2)]
     iw_samples = check_int("iw_samples", iw_samples, minimum=0)
-    accs, table_error = _monitor_pass(model, x, iw_samples, mutual_information, batch_size, seed)
+    accs = _monitor_pass(model, x, iw_samples, mutual_information, batch_size, seed)
     e = accs["elbo"].compute()  # rate, distortion and -ELBO on the same samples
     n = int(e.n)
     per_dim = _bits_per_dim(model, x, -e.per_datapoint, e.extra, "negative_elbo_")
@@ -243,13 +243,12 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
             out["test_perplexity"] = nll.extra["perplexity"]
     if mutual_information:
         try:
-            if table_error is not None:
-                raise table_error
             table = accs["table"].compute()
             with torch.no_grad():  # a learned prior's log_prob would otherwise carry gradients
                 agg = aggregate_posterior(table, decompose=False, convergence=False,
                                           seed=child_seed(seed, "monitor.aggregate"))
-        except NotImplementedError as err:  # a prior the aggregate-posterior estimator cannot evaluate
+        # a prior the aggregate-posterior estimator cannot evaluate, or a table the sharded pass could not gather
+        except NotImplementedError as err:
             out.update({"test_mi": math.nan, "test_mi_stderr": math.nan, "test_mi_saturated": False,
                         "test_log_n": math.log(n),
                         "test_mi_error": f"aggregate_posterior failed: {type(err).__name__}: {err}"})
@@ -265,33 +264,21 @@ def evaluate(model: Any, data: Any, *, iw_samples: int = 0, mutual_information: 
 
 
 def _monitor_pass(model: Any, x: torch.Tensor, iw_samples: int, mutual_information: bool, batch_size: int,
-                  seed: int) -> tuple[dict[str, Any], NotImplementedError | None]:
+                  seed: int) -> dict[str, Any]:
     """Fold the monitoring's accumulators over ``x`` in one pass: ``{"elbo", "iw_nll"?, "table"?}``. A table the
-    fold cannot gather (a posterior family kept as Python objects, under DDP) is a NotImplementedError returned
-    with the others folded again without it, so that the likelihood numbers are still monitored."""
+    fold cannot gather (a posterior family kept as Python objects, under DDP) raises NotImplementedError on
+    ``compute()``; the likelihood numbers are monitored all the same."""
     from latentdiag.estimators.encoded import EncodeAccumulator
     from latentdiag.estimators.fold import batch_size_for_world, fold
     from latentdiag.estimators.likelihood import ElboAccumulator, IwNllAccumulator
 
-    def build(table: bool) -> dict[str, Any]:
-        accs: dict[str, Any] = {"elbo": ElboAccumulator(samples=1)}
-        if iw_samples:
-            accs["iw_nll"] = IwNllAccumulator(k=iw_samples)
-        if table:
-            accs["table"] = EncodeAccumulator()
-        return accs
-
-    batch_size = batch_size_for_world(x, batch_size)
-    accs = build(mutual_information)
-    try:
-        fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
-    except NotImplementedError as err:
-        if not mutual_information:
-            raise
-        accs = build(False)
-        fold(model, x, list(accs.values()), batch_size=batch_size, seed=seed, desc="monitor")
-        return accs, err
-    return accs, None
+    accs: dict[str, Any] = {"elbo": ElboAccumulator(samples=1)}
+    if iw_samples:
+        accs["iw_nll"] = IwNllAccumulator(k=iw_samples)
+    if mutual_information:
+        accs["table"] = EncodeAccumulator()
+    fold(model, x, list(accs.values()), batch_size=batch_size_for_world(x, batch_size), seed=seed, desc="monitor")
+    return accs
 
 
 def _share_buffers(model: nn.Module) -> None:
