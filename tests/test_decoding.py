@@ -184,6 +184,42 @@ def test_batches_of_different_lengths_are_padded_and_not_counted():
     assert not res.mask[:20, 6:].any() and res.js.n == 40
 
 
+def test_profiles_from_sums_match_the_two_pass_statistics_of_the_maps():
+    """by_position (accumulated as sums and sums of squares) and by_relative_position (per-datapoint bin sums)
+    equal the two-pass numpy statistics of the per-position maps; without the maps the numbers are the same."""
+    x = _sentences(n=60, seed=8)
+    batches = [x[:25, :7], x[25:]]                           # ragged: the per-position sums grow between batches
+    full = decoding_divergence(TokenModel(read="last"), batches, repeats=3, pad_index=PAD, position_bins=4)
+    lean = decoding_divergence(TokenModel(read="last"), batches, repeats=3, pad_index=PAD, position_bins=4,
+                               per_position=False)
+    assert lean.per_position == {} and full.per_position["js"].shape == (60, 9)
+    np.testing.assert_array_equal(lean.mask, full.mask)
+    counted = full.mask
+    lengths = counted.sum(1)
+    for name in ("js", "accuracy_drop", "mode_shift"):
+        values = full.per_position[name]
+        prof = full.by_position[name]
+        count = counted.sum(0)
+        np.testing.assert_array_equal(prof.count, count)
+        mean = np.nanmean(values, axis=0)
+        np.testing.assert_allclose(prof.mean, mean, rtol=1e-12, atol=1e-15)
+        two_pass = np.sqrt(np.nanvar(values[:, count > 1], axis=0, ddof=1) / count[count > 1])
+        np.testing.assert_allclose(prof.stderr[count > 1], two_pass, rtol=1e-9, atol=1e-15)
+        assert np.all(np.isnan(prof.stderr[count <= 1]))
+        rank = np.cumsum(counted, axis=1) - 1                     # the k-th counted position, u = k / (L - 1)
+        bins = np.clip(np.floor(rank / np.maximum(lengths - 1, 1)[:, None] * 4), 0, 3)
+        for k in range(4):
+            sel = counted & (bins == k)
+            has = sel.any(1)
+            per_dp = np.where(sel, np.nan_to_num(values), 0.0).sum(1)[has] / sel.sum(1)[has]
+            assert full.by_relative_position[name].count[k] == has.sum()
+            assert full.by_relative_position[name].mean[k] == pytest.approx(per_dp.mean(), rel=1e-12, abs=1e-15)
+        assert getattr(lean, name).value == getattr(full, name).value
+        assert getattr(lean, name).extra == getattr(full, name).extra
+        np.testing.assert_array_equal(lean.by_position[name].mean, prof.mean)
+        np.testing.assert_array_equal(lean.by_relative_position[name].mean, full.by_relative_position[name].mean)
+
+
 def test_image_model_gives_a_pixel_map():
     class Encoder(nn.Module):
         def forward(self, x):                                  # mean = 4 * (2 * pixel (1, 2) - 1): its value

@@ -171,6 +171,31 @@ def test_a_cat_state_with_the_wrong_number_of_rows_is_refused():
         fold(model, x, [Bad()])
 
 
+
+def test_a_1d_sum_state_may_grow_between_batches_and_other_shapes_may_not():
+    from latentdiag.estimators.fold import Accumulator
+
+    class Growing(Accumulator):
+        name = "growing"
+        states = {"v": "sum"}
+
+        def __init__(self, shape_of):
+            self.shape_of = shape_of
+            super().__init__()
+
+        def update(self, view):
+            self.add("v", torch.ones(self.shape_of(int(view.index[0]))))
+
+        def compute(self):
+            return self.value("v")
+
+    model, x = _model_and_data(10)
+    acc = Growing(lambda first: (3 + first,))              # batches of 4: lengths 3, 7, 11
+    fold(model, x, [acc], batch_size=4)
+    assert acc.compute().tolist() == [3.0] * 3 + [2.0] * 4 + [1.0] * 4   # zero-padded, exact
+    with pytest.raises(ValueError, match="growing: the sum state 'v' had different shapes"):
+        fold(model, x, [Growing(lambda first: (2, 1 + first))], batch_size=4)
+
 # -- two processes -------------------------------------------------------------------------------------------------
 
 def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:

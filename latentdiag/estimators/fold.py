@@ -4,7 +4,8 @@
 hands every accumulator a :class:`BatchView`: the batch, its datapoint indices, q(z|x), p(z) and posterior / prior
 draws shared by all accumulators. Each accumulator keeps its state in named entries declared as
 
-- ``"sum"``: a tensor added over batches (and all-reduced over processes);
+- ``"sum"``: a tensor added over batches (and all-reduced over processes); a 1-D sum may grow between batches
+  (per-position sums over sequences batched to their own length): the shorter one is zero-padded, which is exact;
 - ``"cat"``: per-datapoint rows, one row per datapoint of each batch (all-gathered over processes, then put back
   in data order by datapoint index);
 - ``"local"``: Python objects that cannot leave the process (one-process runs only),
@@ -167,7 +168,8 @@ class Accumulator:
         kind = self.states[key]
         if kind == "sum":
             value = torch.as_tensor(value).detach()
-            self._state[key] = value.clone() if self._state[key] is None else self._state[key] + value
+            mine = self._state[key]
+            self._state[key] = value.clone() if mine is None else _add_sums(mine, value, self.name, key)
         elif kind == "cat":
             self._state[key].append(value.detach().cpu())
         else:
@@ -193,8 +195,9 @@ class Accumulator:
         for key, kind in self.states.items():
             theirs = other._state[key]
             if kind == "sum":
+                mine = self._state[key]
                 if theirs is not None:
-                    self._state[key] = theirs.clone() if self._state[key] is None else self._state[key] + theirs
+                    self._state[key] = theirs.clone() if mine is None else _add_sums(mine, theirs, self.name, key)
             else:
                 mine = self._state[key]
                 mine = [mine] if isinstance(mine, torch.Tensor) else mine
@@ -209,9 +212,10 @@ class Accumulator:
                 if distributed:  # a rank that evaluated no batch adds zeros of the others' shape
                     metas = _distributed.gather_objects(None if state is None else (tuple(state.shape), state.dtype),
                                                         group)
-                    known = next((m for m in metas if m is not None), None)
-                    if known is not None:
-                        local = torch.zeros(known[0], dtype=known[1]) if state is None else state
+                    known = [m for m in metas if m is not None]
+                    if known:
+                        shape = _sum_shape({m[0] for m in known}, self.name, key)
+                        local = torch.zeros(shape, dtype=known[0][1]) if state is None else _pad_to(state, shape)
                         self._state[key] = _distributed.all_reduce_sum(local, group)
                 continue
             if kind == "local":
@@ -255,6 +259,28 @@ def _ragged_width(shapes: set[tuple[int, ...]]) -> int | None:
         raise ValueError(f"batches gave rows of different shapes {sorted(shapes)}; only 1-D rows (sequences) may "
                          "differ in length between batches.")
     return max(s[0] for s in shapes)
+
+
+def _sum_shape(shapes: set[tuple[int, ...]], name: str, key: str) -> tuple[int, ...]:
+    """The shape of a sum state over batches or ranks: all equal, or 1-D of different lengths (the longest)."""
+    if len(shapes) == 1:
+        return next(iter(shapes))
+    if any(len(s) != 1 for s in shapes):
+        raise ValueError(f"{name}: the sum state {key!r} had different shapes {sorted(shapes)}; only 1-D sums "
+                         "(per-position sums over sequences) may differ in length.")
+    return (max(s[0] for s in shapes),)
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t if tuple(t.shape) == shape else torch.nn.functional.pad(t, (0, shape[0] - t.shape[0]))
+
+
+def _add_sums(a: torch.Tensor, b: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    """a + b; 1-D sums of different lengths are zero-padded to the longer one first (zeros add nothing)."""
+    if a.shape == b.shape:
+        return a + b
+    shape = _sum_shape({tuple(a.shape), tuple(b.shape)}, name, key)
+    return _pad_to(a, shape) + _pad_to(b, shape)
 
 
 def _cat_rows(parts: list[torch.Tensor], width: int | None) -> torch.Tensor:

@@ -197,8 +197,9 @@ def _table_acc(ctx):
 
 
 def _decoding_acc(ctx):
-    # decoding_divergence's defaults: R = 5, the model's own pad_index, 32 datapoints per decoder call
-    return DecodingAccumulator.for_model(ctx.model, 5, decode_batch=32, pad_index="auto")
+    # decoding_divergence's defaults: R = 5, the model's own pad_index, 32 datapoints per decoder call; the
+    # report reads the estimates and the profiles, not the (N, *positions) maps
+    return DecodingAccumulator.for_model(ctx.model, 5, decode_batch=32, pad_index="auto", per_position=False)
 
 
 TABLE = {"table": _table_acc}
