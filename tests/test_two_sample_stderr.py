@@ -101,3 +101,23 @@ def test_ks_bootstrap_settings_and_the_two_sample_path():
     mvn = encode(MVNPriorModel(mean_field), x)
     two = ks_test(mvn, bootstrap=20, prior_samples=500, seed=4)
     assert two.settings["test"].startswith("two-sample") and two.extra["max_statistic_stderr"] > 0
+
+
+@pytest.mark.parametrize("n, d", [(2000, 4), (37, 3), (2, 1)])
+def test_ks_bootstrap_statistics_are_scipys_on_the_sorted_resample(n, d):
+    """The resampler (multiplicities over the rows sorted once) gives scipy's statistic of each resample, bit for
+    bit, also with ties in the data and repeated rows in the resample."""
+    from scipy import stats
+
+    from latentdiag.estimators.two_sample import _ks_1samp_resampler
+
+    u = np.random.default_rng(n).standard_normal((n, d)) * 1.2 + 0.2
+    if n > 20:
+        u[:10] = u[10:20]                                   # tied values within every column
+    resampled = _ks_1samp_resampler(u)
+    for s in range(10):
+        rng = np.random.default_rng(s)
+        ours = resampled(rng)
+        rng = np.random.default_rng(s)
+        theirs = stats.ks_1samp(u[rng.integers(0, n, n)], stats.norm.cdf, axis=0, method="asymp").statistic
+        np.testing.assert_array_equal(ours, theirs)

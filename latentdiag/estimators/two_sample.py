@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -116,12 +116,7 @@ def ks_test(model_or_table: Any, data: DataLike | None = None, *, samples_per_po
         results = [stats.kstest(z[:, j], stats.norm(loc[j], scale[j]).cdf) for j in range(d)]
         kind, used_prior = "one-sample against the prior CDF", None
         u = (z - loc) / scale  # the same statistics against the standard normal CDF, all dimensions at once
-
-        def resampled(rng: np.random.Generator) -> np.ndarray:
-            # method="asymp": only the statistic is used, and the exact p-value of each column (n <= 10,000)
-            # costs ten times the statistic (0.78 s against 0.07 s per resample at n = 10,000, D = 64)
-            return stats.ks_1samp(u[rng.integers(0, u.shape[0], u.shape[0])], stats.norm.cdf, axis=0,
-                                  method="asymp").statistic
+        resampled = _ks_1samp_resampler(u)
     else:
         zp = _draw_prior(table.prior, prior_samples, seed, d).numpy()
         results = [stats.ks_2samp(z[:, j], zp[:, j]) for j in range(d)]
@@ -163,6 +158,31 @@ def ks_test(model_or_table: Any, data: DataLike | None = None, *, samples_per_po
         per_dimension={"statistic": statistic, "statistic_stderr": statistic_se, "pvalue": pvalue,
                        "pvalue_bh": pvalue_bh, "rejected": rejected},
     )
+
+
+def _ks_1samp_resampler(u: np.ndarray) -> Callable[[np.random.Generator], np.ndarray]:
+    """A function rng -> the one-sample KS statistics against the standard normal CDF (per column of ``u``) of one
+    bootstrap resample of u's rows, ``u[rng.integers(0, n, n)]``, without sorting the resample.
+
+    The columns are sorted and their CDF values taken once; a resample is the multiplicity c_k of each original
+    row, and with C_k its running sum over the sorted rows, KS = max_k max(C_k / n - F(u_(k)), F(u_(k)) - (C_k -
+    c_k) / n). Rows absent from the resample (c_k = 0) give values that a present neighbour exceeds, so this is
+    the statistic of the sorted resample (``scipy.stats.ks_1samp``'s i / n - F and F - (i - 1) / n), bit for bit,
+    at O(n D) a resample instead of a sort and n D CDF evaluations.
+    """
+    from scipy import stats
+
+    n = u.shape[0]
+    order = np.argsort(u, axis=0, kind="stable")
+    cdf = stats.norm.cdf(np.take_along_axis(u, order, axis=0))
+
+    def resampled(rng: np.random.Generator) -> np.ndarray:
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)[order]   # (n, D), in each column's sorted order
+        upper = np.cumsum(counts, axis=0)
+        lower = upper - counts
+        return np.maximum((upper / n - cdf).max(0), (cdf - lower / n).max(0))
+
+    return resampled
 
 
 # -- MMD ---------------------------------------------------------------------------------------------------------
