@@ -87,6 +87,12 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
+def _remember_rows(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value == 1:  # a standard error needs two datapoints
+        raise click.BadParameter("must be 0 (every datapoint) or at least 2; got 1.", ctx=ctx, param=param)
+    return _remember(ctx, param, value)
+
+
 def _model_options(fn):
     remember = _remember
 
@@ -130,6 +136,10 @@ def _eval_options(fn):
                      help="Bound the quadratic work (aggregate posterior, MMD): above N sample-datapoint pairs they "
                           "run on a seeded subsample of the datapoints, flagged 'subsampled' with its extra error. "
                           "Default: no bound (a time estimate is shown when it is long)."),
+        click.option("--decompose-rows", "decompose_rows", type=click.IntRange(min=0), default=2048,  # DECOMPOSE_ROWS
+                     show_default=True, metavar="N", expose_value=False, callback=_remember_rows,
+                     help="Total correlation and dimension-wise KL average over the samples of a seeded subset of "
+                          "N datapoints (marginals over all of them), flagged 'rows_subsampled'; 0: all."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("-q", "--quiet", is_flag=True, help="Print only the requested output format."),
         click.option("-v", "--verbose", is_flag=True,
@@ -281,7 +291,7 @@ def _head(data: Any, n: int) -> Any:
 def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, progress, verbose, command,
               provenance=None):
     from latentdiag.estimators import NonFiniteEstimateError
-    from latentdiag.report import resolve_metrics, run_report
+    from latentdiag.report import DECOMPOSE_ROWS, resolve_metrics, run_report
 
     try:
         names = resolve_metrics(metrics)
@@ -294,12 +304,15 @@ def _evaluate(loaded, data, data_info, *, metrics, iw_samples, seed, device, pro
 
     ctx = click.get_current_context(silent=True)
     max_pairs = ctx.meta.get("latentdiag.max_pairs") if ctx is not None else None
+    decompose_rows = ctx.meta.get("latentdiag.decompose_rows", DECOMPOSE_ROWS) if ctx is not None else DECOMPOSE_ROWS
+    decompose_rows = decompose_rows or None  # 0: every datapoint
     _torchrun.check_same_inputs(loaded.model, data, {"metrics": names, "iw_samples": iw_samples, "seed": seed,
-                                                     "max_pairs": max_pairs, "command": command})
+                                                     "max_pairs": max_pairs, "decompose_rows": decompose_rows,
+                                                     "command": command})
     try:
         with user_code("the model (during evaluation)"):
             return run_report(loaded.model, data, metrics=names, seed=seed, device=device, iw_samples=iw_samples,
-                              progress=progress, on_metric=say, max_pairs=max_pairs,
+                              progress=progress, on_metric=say, max_pairs=max_pairs, decompose_rows=decompose_rows,
                               provenance_extra={"command": command, **loaded.provenance(), "data": data_info,
                                                 **(provenance or {})})
     except LatentdiagError:

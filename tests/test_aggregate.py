@@ -89,6 +89,45 @@ def test_agrees_with_brute_force_on_the_same_samples():
                                atol=1e-10)
 
 
+@pytest.mark.parametrize("convergence", [True, False])
+def test_decompose_rows_averages_the_brute_force_terms_of_a_seeded_subset(convergence):
+    """With decompose_rows = m, total correlation and dimension-wise KL are the brute-force terms (marginals over
+    all N) averaged over the samples of the first m datapoints of the nested subsets' seeded order; the rate
+    split is untouched, the standard error is the subset's, and the estimates say so."""
+    from latentdiag.estimators.convergence import nested_groups, nested_sizes
+
+    model = LinearGaussianModel.random(5, 3, seed=2, posterior="mean_field", posterior_scale=0.7)
+    n, m, spp = 64, 20, 2
+    x = model.sample(n, torch.Generator().manual_seed(0))
+    full = ld.aggregate_posterior(model, x, samples_per_point=spp, seed=4, convergence=convergence)
+    sub = ld.aggregate_posterior(model, x, samples_per_point=spp, seed=4, convergence=convergence,
+                                 decompose_rows=m, per_dim_chunk_size=7)
+    table = ld.encode(model, x)
+    z, index, _ = table.sample(spp, seed=4)
+    log_q = torch.logsumexp(diag_normal_log_prob(z[:, None, :], table.loc[None], table.scale[None]), 1) - math.log(n)
+    log_q_d = torch.logsumexp(Normal(table.loc[None], table.scale[None]).log_prob(z[:, None, :]), 1) - math.log(n)
+    log_p_d = Normal(0.0, 1.0).log_prob(z)
+    rank = nested_groups(n, nested_sizes(n) if convergence else (n,), 4)[1]
+    rows = rank[index] < m
+    tc = (log_q - log_q_d.sum(1))[rows].reshape(m, spp).mean(1)
+    assert sub.total_correlation.value == pytest.approx(float(tc.mean()), abs=1e-10)
+    assert sub.total_correlation.stderr == pytest.approx(float(tc.std() / math.sqrt(m)), rel=1e-9)
+    dims = (log_q_d - log_p_d)[rows].reshape(m, spp, 3).mean(1)
+    np.testing.assert_allclose(sub.dimwise_kl.per_dimension["dimwise_kl"], dims.mean(0).numpy(), atol=1e-10)
+    for est in (sub.total_correlation, sub.dimwise_kl):
+        assert est.n == m and "rows_subsampled" in est.flags and est.notes[0].startswith("rows subsampled")
+    assert sub.settings["decompose_rows"] == m and full.settings["decompose_rows"] is None
+    for name in ("mutual_information", "mutual_information_upper", "marginal_kl", "marginal_kl_lower", "entropy"):
+        assert getattr(sub, name).value == getattr(full, name).value
+    if convergence:  # the smallest subset (N / 8 = 8 datapoints) lies inside the decomposition's 20
+        assert sub.convergence.values["total_correlation"][0] == pytest.approx(
+            full.convergence.values["total_correlation"][0], abs=1e-12)
+        assert sub.convergence.values["mutual_information"] == full.convergence.values["mutual_information"]
+    same = ld.aggregate_posterior(model, x, samples_per_point=spp, seed=4, convergence=convergence, decompose_rows=n)
+    assert same.total_correlation.value == full.total_correlation.value and "rows_subsampled" not in \
+        same.total_correlation.flags
+
+
 def test_float64_kernel_matches_direct_pairs_at_small_scales():
     g = torch.Generator().manual_seed(0)
     n, d = 300, 16
@@ -280,6 +319,7 @@ def test_decomposition_is_skipped_with_a_reason_for_a_correlated_prior():
     (lambda m, x, t: ld.aggregate_posterior(t, saturation_margin=0), ValueError, "saturation_margin must be"),
     (lambda m, x, t: ld.aggregate_posterior(t, samples_per_point=0), ValueError, "samples_per_point must be"),
     (lambda m, x, t: ld.aggregate_posterior(m, x[:1]), ValueError, "at least 2 datapoints"),
+    (lambda m, x, t: ld.aggregate_posterior(t, decompose_rows=1), ValueError, "decompose_rows must be an integer >= 2"),
     (lambda m, x, t: ld.minibatch_mutual_information(t, minibatch_size=1), ValueError, "minibatch_size must be an integer >= 2"),
     (lambda m, x, t: ld.active_units(t, threshold=-1), ValueError, "threshold must be a positive"),
     (lambda m, x, t: ld.encode(m, torch.zeros(0, 5)), ValueError, "data is empty"),

@@ -181,3 +181,52 @@ def test_cli_max_pairs_bounds_the_report(tmp_path):
     assert "subsampled" not in mi_full["flags"] and mi_full["n"] == 200
     bad = CliRunner().invoke(cli, [*args, "--max-pairs", "0"])
     assert bad.exit_code == 2 and "--max-pairs" in bad.output
+
+
+def test_report_decompose_rows_subsamples_the_decomposition_only(low_mi):
+    """run_report's decompose_rows: total correlation and dimension-wise KL from a seeded subset's samples,
+    flagged; the rate split on every sample; recorded in the provenance; the default is DECOMPOSE_ROWS."""
+    from latentdiag.report import DECOMPOSE_ROWS
+
+    model, _ = low_mi
+    x = model.sample(400, torch.Generator().manual_seed(1))
+    sub = run_report(model, x, metrics=["aggregate"], decompose_rows=100)
+    full = run_report(model, x, metrics=["aggregate"], decompose_rows=None)
+    assert sub.provenance["options"]["decompose_rows"] == 100 and full.provenance["options"]["decompose_rows"] is None
+    for name in ("total_correlation", "dimwise_kl"):
+        est, ref = sub.result(name), full.result(name)
+        assert "rows_subsampled" in est.flags and est.n == 100 and est.settings["decompose_rows"] == 100
+        assert "rows_subsampled" not in ref.flags and ref.n == 400
+        assert abs(est.value - ref.value) < 4 * est.stderr and est.stderr > ref.stderr
+    assert sub.result("mutual_information").value == full.result("mutual_information").value
+    assert "rows_subsampled" not in sub.result("mutual_information").flags
+    assert DECOMPOSE_ROWS == 2048 and run_report(model, x, metrics=["aggregate"]).provenance["options"][
+        "decompose_rows"] == DECOMPOSE_ROWS
+    with pytest.raises(ValueError, match="decompose_rows must be an integer >= 2"):
+        run_report(model, x, metrics=["aggregate"], decompose_rows=1)
+
+
+def test_cli_decompose_rows(tmp_path):
+    """``--decompose-rows N`` reaches the aggregate metric (0: every datapoint); its default is DECOMPOSE_ROWS."""
+    import json
+
+    from click.testing import CliRunner
+
+    from latentdiag.cli.main import cli
+    from latentdiag.models import build_model, save_checkpoint
+    from latentdiag.report import DECOMPOSE_ROWS
+
+    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}})
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, data={"name": "digits", "format": "binary"})
+    args = ["report", str(ckpt), "--metrics", "aggregate", "--limit", "200", "--format", "json", "--no-files",
+            "--no-progress", "-q", "--device", "cpu"]
+    for extra, rows, n in ((["--decompose-rows", "50"], 50, 50), (["--decompose-rows", "0"], None, 200),
+                           ([], DECOMPOSE_ROWS, 200)):
+        out = CliRunner().invoke(cli, [*args, *extra])
+        assert out.exit_code == 0, out.output
+        doc = json.loads(out.stdout)
+        assert doc["provenance"]["options"]["decompose_rows"] == rows
+        tc = next(r for r in doc["results"] if r["name"] == "total_correlation")
+        assert tc["n"] == n and ("rows_subsampled" in tc["flags"]) == (n == 50)
+    bad = CliRunner().invoke(cli, [*args, "--decompose-rows", "1"])
+    assert bad.exit_code == 2 and "--decompose-rows" in bad.output and "at least 2" in bad.output

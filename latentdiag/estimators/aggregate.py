@@ -75,8 +75,9 @@ class AggregatePosterior:
 def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, samples_per_point: int = 1,
                         saturation_margin: float = 1.0, chunk_size: int = 1024, per_dim_chunk_size: int = 64,
                         decompose: bool = True, convergence: bool = True, seed: int | None = 0,
-                        max_pairs: int | None = None, progress: bool = False, batch_size: int | None = None,
-                        kl_samples: int | None = None, device: Any = None) -> AggregatePosterior:
+                        max_pairs: int | None = None, decompose_rows: int | None = None, progress: bool = False,
+                        batch_size: int | None = None, kl_samples: int | None = None,
+                        device: Any = None) -> AggregatePosterior:
     """Estimate the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) of the whole data set and split the rate.
 
     With z_i ~ q(z|x_{n_i}) (``samples_per_point`` per datapoint), S_i = sum_{j != n_i} q(z_i|x_j) (streamed,
@@ -125,6 +126,14 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         per-dimension kernel (memory ~ per_dim_chunk x 256 x D x 8 bytes).
     decompose : bool
         Also compute total correlation and dimension-wise KL (the per-dimension kernel costs N^2 D exponentials).
+    decompose_rows : int, optional
+        Average total correlation and dimension-wise KL over the samples of a seeded random subset of this many
+        datapoints (the first of the nested subsets' order), each sample's marginals q(z_d) still the mixture of
+        all N posteriors: the per-dimension kernel then costs decompose_rows x N x D exponentials instead of
+        N^2 D. The estimate is unbiased for the full-data one (the same finite-N bias: the marginals are the
+        same); its standard error, from the subset's per-datapoint terms, includes the subsampling (about
+        sqrt(N / decompose_rows) times the full-data one). Both estimates are then flagged ``rows_subsampled``
+        with a note, their ``n`` the subset's. None (the default) or >= N: every sample.
     convergence : bool
         Also estimate on nested subsets (needs N >= 4; with fewer, ``settings["convergence_skipped"]`` says so).
     seed : int or None
@@ -154,10 +163,12 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
     if world_size > 1:  # before anything can raise on one rank only: a mismatch raises on every rank
         check_same_across_ranks("encoded table and options of aggregate_posterior", (
             _table_fingerprint(table), samples_per_point, saturation_margin, chunk_size, per_dim_chunk_size,
-            decompose, convergence, max_pairs))
+            decompose, convergence, max_pairs, decompose_rows))
     samples_per_point = check_int("samples_per_point", samples_per_point)
     if max_pairs is not None:
         max_pairs = check_int("max_pairs", max_pairs)
+    if decompose_rows is not None:
+        decompose_rows = check_int("decompose_rows", decompose_rows, minimum=2)
     margin = check_positive_float("saturation_margin", saturation_margin)
     chunk_size, per_dim_chunk_size = check_int("chunk_size", chunk_size), check_int("per_dim_chunk_size",
                                                                                     per_dim_chunk_size)
@@ -177,8 +188,10 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         table = table.subset(chosen)
         subsample = {"n_total": full_n, "n_used": n_sub, "max_pairs": max_pairs, "pairs_full": full_pairs}
     pairs = table.n * samples_per_point * table.n
+    dec_n = table.n if decompose_rows is None else min(decompose_rows, table.n)  # datapoints behind TC, dim-wise KL
     seconds = pairwise_seconds(table, samples_per_point, decompose=decompose, chunk_size=chunk_size,
-                               per_dim_chunk_size=per_dim_chunk_size) if pairs > _CALIBRATE_ABOVE else None
+                               per_dim_chunk_size=per_dim_chunk_size,
+                               decompose_rows=dec_n) if pairs > _CALIBRATE_ABOVE else None
     if seconds is not None and world_size > 1:  # each rank does 1/W of the rows; all ranks state one figure
         seconds = max_across_ranks(seconds) / world_size
     if seconds is not None and seconds > _WARN_SECONDS and max_pairs is None:
@@ -188,8 +201,8 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
                       "bound it on a subsample", LongComputationWarning, stacklevel=2)
     rows = table.n * samples_per_point
     # the bar counts this rank's rows (shown on rank 0 only)
-    bar = _progress_bar(progress and proc == 0, len(row_range(rows, proc, world_size)) * (2 if decompose else 1),
-                        table.n, seconds)
+    bar = _progress_bar(progress and proc == 0, len(row_range(rows, proc, world_size)) + (
+        len(row_range(dec_n * samples_per_point, proc, world_size)) if decompose else 0), table.n, seconds)
     z, index, log_q_own = table.sample(samples_per_point, seed=seed)  # all rows on every rank; each uses its own
     sizes, skipped_convergence = (table.n,), None
     if convergence:
@@ -198,6 +211,10 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             sizes, skipped_convergence = (table.n,), (f"the convergence table needs N >= 4 datapoints (subsets of "
                                                       f"at least 2); got N = {table.n}")
     groups, rank = nested_groups(table.n, sizes, seed) if len(sizes) > 1 else (None, None)
+    if rank is None and dec_n < table.n:  # the same seeded order as the nested subsets
+        rank = nested_groups(table.n, (table.n,), seed)[1]
+    # the samples behind the decomposition: every one, or those of the first dec_n datapoints of that order
+    dec = torch.arange(z.shape[0]) if dec_n == table.n else (rank[index] < dec_n).nonzero().squeeze(1)
     # per-group sums without the own term, then prefix sums: the leave-one-out sum of every nested subset;
     # under a process group each rank sums its rows (samples) over all datapoints and the rows are gathered
     lse = rows_across_ranks(lambda i0, i1: logsumexp_log_q(z[i0:i1], table, chunk_size=chunk_size,
@@ -212,19 +229,31 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             log_p = table.prior.log_prob(z.to(*prior_device_dtype(table.prior))).to("cpu", torch.float64)
     log_q_dims, skipped = None, None
     if decompose:
-        log_q_dims, skipped = _per_dim_marginals(table, z, log_p_dims, per_dim_chunk_size, groups, bar.update)
+        log_q_dims, skipped = _per_dim_marginals(table, z[dec], log_p_dims, per_dim_chunk_size, groups,
+                                                 bar.update)
     bar.close()
 
     levels = []
     for k, n_k in enumerate(sizes):
-        sel = slice(None) if k == len(sizes) - 1 else rank[index] < n_k
-        levels.append(_per_datapoint_terms(
-            n_k, samples_per_point, log_q_own[sel], loo[k][sel], log_p[sel],
-            None if log_q_dims is None else log_q_dims[k][sel], None if log_q_dims is None else log_p_dims[sel]))
+        last = k == len(sizes) - 1
+        sel = slice(None) if last else rank[index] < n_k
+        terms_k, meta_k = _per_datapoint_terms(n_k, samples_per_point, log_q_own[sel], loo[k][sel], log_p[sel])
+        per_dim_k = None
+        if log_q_dims is not None:  # the decomposition's samples that lie in subset k
+            d_sel = slice(None) if last else rank[index[dec]] < n_k
+            dec_rows = dec[d_sel]
+            log_q = torch.logaddexp(loo[k][dec_rows], log_q_own[dec_rows]) - math.log(n_k)
+            dec_terms, per_dim_k = _decomposition_terms(n_k, samples_per_point, log_q, log_q_dims[k][d_sel],
+                                                        log_p_dims[dec_rows])
+            terms_k.update(dec_terms)
+        levels.append((terms_k, meta_k, per_dim_k))
     conv = None
     if len(sizes) > 1:
         tracked = [{k: lv[0][k] for k in _CONVERGENCE_NAMES if k in lv[0]} for lv in levels]
-        conv = Convergence.from_levels(sizes, tracked, (rank < sizes[-2]).numpy(), {
+        in_previous = (rank < sizes[-2]).numpy()
+        dec_points = index[dec[::samples_per_point]]  # the decomposition's datapoints, in data order
+        masks = {k: in_previous[dec_points.numpy()] if k in _DECOMPOSITION else in_previous for k in tracked[-1]}
+        conv = Convergence.from_levels(sizes, tracked, masks, {
             "order_seed": seed, "log_n": [math.log(s) for s in sizes], "order": "seeded random permutation",
             "mi_upper_from": [lv[1]["mi_upper_from"] for lv in levels]})
     terms, meta, per_dim = levels[-1]
@@ -233,6 +262,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
                 "chunk_size": chunk_size, "seed": seed, "family": table.family, "log_n": log_n,
                 "saturation_margin": margin, "mi_upper_from": meta["mi_upper_from"], "pairs": pairs,
                 "max_pairs": max_pairs, "subsampled": subsample is not None,
+                "decompose_rows": dec_n if dec_n < table.n else None,
                 "pairwise_seconds_estimate": seconds, "world_size": world_size,
                 **({"n_total": subsample["n_total"], "pairs_full": subsample["pairs_full"]} if subsample else {}),
                 **{k: v for k, v in table.settings.items() if k in ("device", "dtype")}}
@@ -241,7 +271,7 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
         overall["decomposition_skipped"] = skipped
     if skipped_convergence:
         overall["convergence_skipped"] = skipped_convergence
-    estimates = _estimates(table, terms, meta, per_dim, settings, margin, conv)
+    estimates = _estimates(table, terms, meta, per_dim, settings, margin, conv, dec_n)
     if subsample is not None:
         estimates = {k: None if e is None else _mark_subsampled(e, subsample, samples_per_point)
                      for k, e in estimates.items()}
@@ -258,9 +288,11 @@ _WARN_SECONDS = 60.0
 
 
 def pairwise_seconds(table: EncodedTable, samples_per_point: int = 1, *, decompose: bool = True,
-                     chunk_size: int = 1024, per_dim_chunk_size: int = 64) -> float:
+                     chunk_size: int = 1024, per_dim_chunk_size: int = 64,
+                     decompose_rows: int | None = None) -> float:
     """Expected seconds of :func:`aggregate_posterior`'s pairwise kernels on ``table``, from timing one small block
-    of each kernel on this machine and scaling by the number of pairs (M x N, M = N x ``samples_per_point``).
+    of each kernel on this machine and scaling by the number of pairs (M x N, M = N x ``samples_per_point``; the
+    per-dimension kernel's M from ``decompose_rows`` datapoints when given).
 
     The estimate takes a few tens of milliseconds; it ignores the encoder pass and the O(N) bookkeeping.
     """
@@ -276,7 +308,8 @@ def pairwise_seconds(table: EncodedTable, samples_per_point: int = 1, *, decompo
         rows_d = min(m, per_dim_chunk_size)
         start = time.perf_counter()
         logsumexp_log_q_per_dim(z[:rows_d], probe, chunk_size=per_dim_chunk_size)
-        seconds += (time.perf_counter() - start) * (m / rows_d) * (n / cols)
+        m_d = m if decompose_rows is None else min(decompose_rows, n) * samples_per_point
+        seconds += (time.perf_counter() - start) * (m_d / rows_d) * (n / cols)
     return seconds
 
 
@@ -328,6 +361,7 @@ def _mark_subsampled(est: Estimate, sub: dict[str, Any], samples_per_point: int)
 
 _CONVERGENCE_NAMES = ("mutual_information", "mutual_information_upper", "marginal_kl", "marginal_kl_lower",
                       "total_correlation", "dimwise_kl")
+_DECOMPOSITION = ("total_correlation", "dimwise_kl")  # the estimates of the decomposition's samples
 
 
 def _per_dim_marginals(table, z, log_p_dims, chunk, groups, on_chunk=None):
@@ -359,15 +393,19 @@ def _prefix_logsumexp_(per_group: torch.Tensor) -> torch.Tensor:
     return per_group
 
 
-def _per_datapoint_terms(n, s, own, loo, log_p, log_q_dims_sum, log_p_dims):
-    """Per-datapoint terms (each datapoint's s samples averaged) of every estimate on a subset of n datapoints.
+def _per_point(v: torch.Tensor, s: int) -> np.ndarray:
+    """Each datapoint's s samples (datapoint-major rows) averaged."""
+    return v.reshape(-1, s, *v.shape[1:]).mean(1).numpy()
+
+
+def _per_datapoint_terms(n, s, own, loo, log_p):
+    """Per-datapoint terms (each datapoint's s samples averaged) of the rate split on a subset of n datapoints.
 
     ``loo`` is log sum_{j != own, j in subset} q(z|x_j); the full mixture adds the own term back exactly.
-    Returns (terms by estimate name, meta: which upper end and the L1Out terms, per-dimension dimension-wise KL
-    terms or None).
+    Returns (terms by estimate name, meta: which upper end and the L1Out terms).
     """
     def per_point(v):
-        return v.reshape(-1, s).mean(1).numpy()
+        return _per_point(v, s)
 
     log_q = torch.logaddexp(loo, own) - math.log(n)
     log_q_loo = loo - math.log(n - 1)
@@ -382,19 +420,23 @@ def _per_datapoint_terms(n, s, own, loo, log_p, log_q_dims_sum, log_p_dims):
         meta = {"mi_upper_from": "rate"}
         terms["mutual_information_upper"], terms["marginal_kl_lower"] = rate_mc, np.zeros_like(rate_mc)
     meta["l1out"] = l1out
-    per_dim = None
-    if log_q_dims_sum is not None:
-        log_q_dims = log_q_dims_sum - math.log(n)
-        terms["total_correlation"] = per_point(log_q - log_q_dims.sum(1))
-        dims = (log_q_dims - log_p_dims).reshape(-1, s, log_q_dims.shape[1]).mean(1).numpy()
-        terms["dimwise_kl"], per_dim = dims.sum(1), dims
-    return terms, meta, per_dim
+    return terms, meta
 
 
-def _estimates(table, terms, meta, per_dim, settings, margin, conv):
-    """The Estimates of the full data set from its per-datapoint terms, with the bracket's notes and flags."""
+def _decomposition_terms(n, s, log_q, log_q_dims_sum, log_p_dims):
+    """Per-datapoint total correlation and dimension-wise KL terms (and the latter per dimension) of the samples
+    given, against the marginals of a subset of n datapoints: log_q = log q(z) and log_q_dims_sum = log sum_j
+    q(z_d | x_j) over that subset, rows datapoint-major."""
+    log_q_dims = log_q_dims_sum - math.log(n)
+    dims = _per_point(log_q_dims - log_p_dims, s)
+    return {"total_correlation": _per_point(log_q - log_q_dims.sum(1), s), "dimwise_kl": dims.sum(1)}, dims
+
+
+def _estimates(table, terms, meta, per_dim, settings, margin, conv, dec_n):
+    """The Estimates of the full data set from its per-datapoint terms, with the bracket's notes and flags; total
+    correlation and dimension-wise KL from the samples of ``dec_n`` datapoints (all, or a seeded subset)."""
     n, log_n = table.n, settings["log_n"]
-    common = {"n": n, "unit": "nats", "settings": settings}
+    common = {"unit": "nats", "settings": settings}
     finite_n = (f"finite-N bias: the empirical aggregate posterior of N = {n} datapoints is lumpier than the "
                 "population one (MI biased low, marginal KL high against population values)")
     stats = {k: mean_and_stderr(v) for k, v in terms.items()}
@@ -433,7 +475,7 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv):
         if bracket_note:
             notes.append(bracket_note)
 
-    def make(key, name, estimator, notes, flags, extra=None, **kw):
+    def make(key, name, estimator, notes, flags, extra=None, n=n, **kw):
         value, stderr = stats[key]
         notes, flags = list(notes), list(flags)
         extra = dict(extra or {})
@@ -443,7 +485,7 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv):
                 notes.insert(0, conv.note(key))
                 flags.append("not_converged")
         return Estimate(name=name, value=value, stderr=stderr, estimator=estimator, notes=tuple(notes),
-                        flags=tuple(flags + ["monte_carlo"]), extra=extra, **common, **kw)
+                        flags=tuple(flags + ["monte_carlo"]), extra=extra, n=n, **common, **kw)
 
     out = {
         "entropy": make("entropy", "aggregate_entropy", "-E log q(z), q(z) the mixture of all N posteriors",
@@ -471,12 +513,19 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv):
                            settings={"kl": table.kl_method, **settings}, per_datapoint=table.kl)
     out["total_correlation"] = out["dimwise_kl"] = None
     if per_dim is not None:
+        notes, flags = [finite_n], []
+        if dec_n < n:
+            flags.append("rows_subsampled")
+            notes.insert(0, f"rows subsampled: averaged over the samples of a seeded random subset of {dec_n:,} of "
+                            f"the N = {n:,} datapoints, each against the marginals of all N (the same bias as the "
+                            f"full estimate); its standard error includes the subsampling, about "
+                            f"{math.sqrt(n / dec_n):.2f} x the full-data one (decompose_rows)")
         out["total_correlation"] = make(
             "total_correlation", "total_correlation", "E[log q(z) - sum_d log q(z_d)], full-data marginals "
-            "(Chen et al. 2018)", [finite_n], [])
-        dims = {"dimwise_kl": per_dim.mean(0), "dimwise_kl_stderr": per_dim.std(0, ddof=1) / math.sqrt(n)}
+            "(Chen et al. 2018)", notes, flags, n=dec_n)
+        dims = {"dimwise_kl": per_dim.mean(0), "dimwise_kl_stderr": per_dim.std(0, ddof=1) / math.sqrt(dec_n)}
         out["dimwise_kl"] = make("dimwise_kl", "dimwise_kl", "sum_d KL(q(z_d) || p(z_d)), full-data marginals "
-                                 "(Chen et al. 2018)", [finite_n], [], per_dimension=dims)
+                                 "(Chen et al. 2018)", notes, flags, n=dec_n, per_dimension=dims)
     return out
 
 

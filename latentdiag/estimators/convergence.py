@@ -98,9 +98,11 @@ class Convergence:
 
     @classmethod
     def from_levels(cls, sizes: tuple[int, ...], levels: list[dict[str, np.ndarray]],
-                    last_in_previous: np.ndarray, settings: Mapping[str, Any]) -> Convergence:
+                    last_in_previous: np.ndarray | Mapping[str, np.ndarray],
+                    settings: Mapping[str, Any]) -> Convergence:
         """Build the table from per-datapoint terms at each size (``levels[k][name]``, datapoints of subset k in
-        data order); ``last_in_previous`` marks, among the whole set's datapoints, those of the previous subset."""
+        data order); ``last_in_previous`` marks, among the whole set's datapoints, those of the previous subset
+        (or, per name, among the datapoints that name's terms come from, when those differ)."""
         names = list(levels[-1])
         values = {k: tuple(float(lv[k].mean()) for lv in levels) for k in names}
         stderrs = {k: tuple(float(lv[k].std(ddof=1) / math.sqrt(lv[k].size)) if lv[k].size > 1 else math.nan
@@ -108,7 +110,8 @@ class Convergence:
         deltas, delta_se, moving = {}, {}, []
         for k in names:
             deltas[k] = values[k][-1] - values[k][-2]
-            delta_se[k] = difference_stderr(levels[-1][k], levels[-2][k], last_in_previous)
+            mask = last_in_previous[k] if isinstance(last_in_previous, Mapping) else last_in_previous
+            delta_se[k] = difference_stderr(levels[-1][k], levels[-2][k], mask)
             if abs(deltas[k]) > max(NOT_CONVERGED_Z * delta_se[k], _NUMERICAL_ZERO):
                 moving.append(k)
         return cls(n=tuple(sizes), values=values, stderrs=stderrs, deltas=deltas, delta_stderrs=delta_se,

@@ -13,10 +13,10 @@ from latentdiag.report.render import (
     write_report,
 )
 from latentdiag.report.check import Gate
-from latentdiag.report.runner import (METRICS, Metric, MetricContext, Report, metric, register_metric, resolve_metrics,
-                                      run_report)
+from latentdiag.report.runner import (DECOMPOSE_ROWS, METRICS, Metric, MetricContext, Report, metric, register_metric,
+                                      resolve_metrics, run_report)
 from latentdiag.report.source import LoadedModel, load_model
 
-__all__ = ["METRICS", "Gate", "LoadedModel", "Metric", "MetricContext", "Report", "SCHEMA_VERSION", "load_model",
+__all__ = ["DECOMPOSE_ROWS", "METRICS", "Gate", "LoadedModel", "Metric", "MetricContext", "Report", "SCHEMA_VERSION", "load_model",
            "metric", "register_metric", "render_csv", "render_html", "render_json", "render_markdown", "render_report_json",
            "render_report_table", "render_table", "resolve_metrics", "run_report", "write_report"]
