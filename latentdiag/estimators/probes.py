@@ -15,7 +15,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -580,7 +580,8 @@ class _LinearFitter:
             text += f"; predictive = mean over k={k} samples of softmax(decision scores / T), T fitted on validation"
         return text
 
-    def _fit(self, x: np.ndarray, y: np.ndarray, c: float, seed: int, flags: set[str]):
+    def _fit(self, x: np.ndarray, y: np.ndarray, c: float, seed: int):
+        """The fitted pipeline and whether liblinear stopped at max_iter (it then warns: not converged)."""
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
@@ -588,9 +589,7 @@ class _LinearFitter:
         pipe = make_pipeline(StandardScaler(), LinearSVC(C=c, dual="auto", max_iter=self.max_iter,
                                                          random_state=child_seed(seed, "probe.linear_svc")))
         pipe.fit(x, y)  # its ConvergenceWarning is silenced by _fit_seeds (process-wide, around all seeds)
-        if pipe[-1].n_iter_ >= self.max_iter:  # exactly when liblinear warns that it did not converge
-            flags.add("not_converged")
-        return pipe
+        return pipe, pipe[-1].n_iter_ >= self.max_iter
 
     @staticmethod
     def _scores(pipe, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -605,36 +604,56 @@ class _LinearFitter:
         return full
 
     def __call__(self, x: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
+        return self.fit_seeds(x, y, n_classes, [seed])[0]
+
+    def fit_seeds(self, x: np.ndarray, y: np.ndarray, n_classes: int, seeds: list[int],
+                  map_fn: Callable[..., Any] = map) -> list[tuple[_Fitted, dict[str, Any]]]:
+        """One probe per seed, in seed order: the fits of every (seed, C) pair, then each seed's refit, each
+        phase through ``map_fn`` (a thread pool's ``map``: every fit is independent and seeded, so the results
+        are those of the serial loop, with the fits spread over the cores)."""
         k = x.shape[1]
         flat = lambda idx: (x[idx].reshape(-1, x.shape[-1]), np.repeat(y[idx], k))  # noqa: E731
-        flags: set[str] = set()
-        split = _validation_split(y, self.validation_fraction, seed)
-        temperature, val_acc, c = 1.0, float("nan"), 1.0
         everything = np.arange(y.size)
-        if split is None:
-            flags.add("no_validation")
-            pipe = self._fit(*flat(everything), c, seed, flags)
-        else:
+        splits = [_validation_split(y, self.validation_fraction, s) for s in seeds]
+        searches = [(j, c) for j, split in enumerate(splits) if split is not None for c in self.C_grid]
+        searched = list(map_fn(lambda task: self._fit(*flat(splits[task[0]][0]), task[1], seeds[task[0]]),
+                               searches))
+        chosen, flags = [], [set() for _ in seeds]
+        for j, split in enumerate(splits):
+            if split is None:
+                flags[j].add("no_validation")
+                chosen.append((1.0, float("nan"), 1.0, everything))
+                continue
             fit_idx, val_idx = split
-            best = (-1.0, None, None)
             xv, yv = flat(val_idx)
-            for cand in self.C_grid:
-                p = self._fit(*flat(fit_idx), cand, seed, flags)
-                scores = self._scores(p, xv, n_classes)
+            best = (-1.0, None, None)
+            for (task_seed, cand), (pipe, stuck) in zip(searches, searched):
+                if task_seed != j:
+                    continue
+                if stuck:
+                    flags[j].add("not_converged")
+                scores = self._scores(pipe, xv, n_classes)
                 acc = float((scores.reshape(val_idx.size, k, -1).mean(axis=1).argmax(axis=1) == y[val_idx]).mean())
                 if acc > best[0]:
                     best = (acc, cand, scores)
             val_acc, c, scores = best
-            temperature = _fit_temperature(scores, yv)
-            pipe = self._fit(*flat(everything), c, seed, flags) if self.refit else self._fit(*flat(fit_idx), c,
-                                                                                            seed, flags)
+            chosen.append((c, val_acc, _fit_temperature(scores, yv), everything if self.refit else fit_idx))
+        refits = list(map_fn(lambda j: self._fit(*flat(chosen[j][3]), chosen[j][0], seeds[j]), range(len(seeds))))
+        out = []
+        for j, (pipe, stuck) in enumerate(refits):
+            if stuck:
+                flags[j].add("not_converged")
+            c, val_acc, temperature, _ = chosen[j]
+            out.append((self._fitted(pipe, temperature, n_classes),
+                        {"C": c, "temperature": temperature, "validation_accuracy": val_acc, "flags": flags[j]}))
+        return out
 
+    def _fitted(self, pipe, temperature: float, n_classes: int) -> _Fitted:
         def proba_rows(rows: np.ndarray, single: bool) -> np.ndarray:
             s = self._scores(pipe, rows, n_classes)
             return s if single else _softmax(s / temperature)
 
-        return _Fitted(proba_rows), {"C": c, "temperature": temperature, "validation_accuracy": val_acc,
-                                     "flags": flags}
+        return _Fitted(proba_rows)
 
 
 def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
@@ -654,9 +673,10 @@ def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
 
 
 def _fit_seeds(fit: Any, data: ProbeData, seeds: list[int]) -> list[tuple[Any, dict[str, Any]]]:
-    """``fit(x, y, classes, seed)`` for every seed, in seed order. The linear probe's seeds run in threads (one per
-    core): liblinear releases the GIL, so 3 seeds take about half the time on 2 cores, and each fit is independent,
-    so the results are those of the serial loop. The MLP probe runs serially (torch already uses the cores, and
+    """``fit(x, y, classes, seed)`` for every seed, in seed order. The linear probe's fits run in threads (one per
+    core), first every (seed, C) pair of the search, then the seeds' refits: liblinear releases the GIL, and each
+    fit is independent and seeded, so the results are those of the serial loop (18 fits for 3 seeds and 5 C
+    values: about half the serial time on 2 cores, where threads per seed left one core idle for the third). The MLP probe runs serially (torch already uses the cores, and
     its seeding forks torch's global generator, which threads would share)."""
     args = (data.x_train, data.y_train, data.n_classes)
     if not isinstance(fit, _LinearFitter):
@@ -665,13 +685,13 @@ def _fit_seeds(fit: Any, data: ProbeData, seeds: list[int]) -> list[tuple[Any, d
 
     from sklearn.exceptions import ConvergenceWarning
 
-    workers = min(len(seeds), os.cpu_count() or 1)
+    workers = os.cpu_count() or 1
     with warnings.catch_warnings():  # process-wide filters, set once here, not in each thread (catch_warnings is
         warnings.simplefilter("ignore", ConvergenceWarning)  # not thread-safe); convergence is read from n_iter_
         if workers < 2:
-            return [fit(*args, s) for s in seeds]
+            return fit.fit_seeds(*args, seeds)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda s: fit(*args, s), seeds))
+            return fit.fit_seeds(*args, seeds, pool.map)
 
 
 class _MLPFitter:
