@@ -198,6 +198,12 @@ def test_a_1d_sum_state_may_grow_between_batches_and_other_shapes_may_not():
 
 # -- two processes -------------------------------------------------------------------------------------------------
 
+def _ragged_batches():
+    """Sentence batches of widths 6, 9, 6: under 2 processes rank 0's per-position sums are 6 wide, rank 1's 9."""
+    s = _sentences(24, seed=3)
+    return [s[:8, :6], s[8:16], s[16:, :6]]
+
+
 def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -216,6 +222,9 @@ def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
         rec["world_size_setting"] = rate.settings.get("world_size")
         dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)
         rec["decoding"] = dec.js.per_datapoint.tolist()
+        ragged = ld.decoding_divergence(TokenModel(read=2), _ragged_batches(), repeats=3, per_position=False)
+        rec["ragged"] = [np.nan_to_num(ragged.by_position["js"].mean, nan=-1.0).tolist(),
+                         ragged.by_relative_position["js"].mean.tolist(), ragged.js.value]
         lap_rate, lap_table = RateAccumulator(mc_samples=4), EncodeAccumulator(kl_samples=4)
         fold(LaplaceModel(model.inner), x, [lap_rate, lap_table], batch_size=8)
         rec["laplace_rate_finite"] = bool(np.isfinite(lap_rate.compute().value))   # the others of the fold compute
@@ -244,6 +253,8 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
     model, x = _model_and_data(37)
     run, (rate, dist_, elbo, iw, table) = _all(model, x, 8)
     dec = ld.decoding_divergence(TokenModel(read=2), _sentences(21), repeats=3, batch_size=4)
+    ragged = ld.decoding_divergence(TokenModel(read=2), _ragged_batches(), repeats=3, per_position=False)
+    assert ragged.positions == (9,) and ragged.js.value > 0.05
     for rank, rec in enumerate(recs):
         assert "error" not in rec, f"rank {rank} failed:\n{rec['error']}"
         assert rec["run"] == [37, 5, 2]                                  # all 5 batches encoded once, in total
@@ -255,6 +266,10 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
         np.testing.assert_allclose(rec["table_loc"], table.loc.numpy(), rtol=1e-6)
         assert rec["world_size_setting"] == 2 and "world_size" not in rate.settings
         np.testing.assert_allclose(rec["decoding"], dec.js.per_datapoint, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(rec["ragged"][0], np.nan_to_num(ragged.by_position["js"].mean, nan=-1.0),
+                                   rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(rec["ragged"][1], ragged.by_relative_position["js"].mean, rtol=1e-6, atol=1e-12)
+        assert rec["ragged"][2] == pytest.approx(ragged.js.value, rel=1e-6, abs=1e-12)
         assert rec["raised_data"] and "data size (datapoints) differs" in rec["raised_data"]
         assert rec["raised_model"] and "model (weights fingerprint) differs" in rec["raised_model"]
         assert rec["laplace_rate_finite"]
