@@ -82,3 +82,27 @@ def evaluation(model: Any) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+_LIBC: Any = None  # glibc, loaded on first use; False where there is none (macOS, Windows, musl without it)
+
+
+def release_free_memory() -> None:
+    """Give the process's freed heap memory back to the operating system (glibc ``malloc_trim(0)``; a no-op
+    elsewhere). Why: glibc raises its mmap threshold after large blocks are freed, so the many few-megabyte
+    temporaries of a pass (the decoder's per-position tensors, the kernels' blocks) are then served from the heap
+    and kept there after they are freed; the resident memory grows by hundreds of megabytes that nothing uses
+    (measured on the report's pass at N = 10,000: peak RSS about 200 MB above the live data). Releasing between
+    batches and between metrics keeps the peak near what is live; it changes no number and costs about a
+    millisecond. Dask's workers do the same (``malloc_trim`` on a timer)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

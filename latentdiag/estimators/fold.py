@@ -39,7 +39,7 @@ from latentdiag import _distributed
 from latentdiag._batching import DataLike, whole_data, iter_batches
 from latentdiag._distributions import analytic_kl, from_standard_normal, has_standard_normal_form, kl_divergence
 from latentdiag._random import block_span, datapoint_normal, resolve_seed, seeded
-from latentdiag._runtime import check_model_on, evaluation, resolve_device
+from latentdiag._runtime import check_model_on, evaluation, release_free_memory, resolve_device
 from latentdiag._validation import check_int, check_seed
 from latentdiag._validation import clip_message
 from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
@@ -374,6 +374,8 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
                 for acc in accumulators:
                     acc.update(view)
                 keyed &= not view.unkeyed
+            del view, q, p
+            release_free_memory()  # the batch's temporaries, which glibc would otherwise keep (see there)
     if world_size > 1:
         _distributed.check_same_across_ranks("data size (datapoints)", seen, group)
         if n_batches < world_size:  # every rank sees every batch, so all raise alike

@@ -150,11 +150,13 @@ def _logsumexp_log_q(z, table, chunk_size, start, stop, exclude, groups, n_group
     params = _diag_params(table, z.device)
     out = torch.full((n_groups, z.shape[0]), -math.inf, dtype=torch.float64, device=z.device)
     blocks = _datapoint_blocks(table, start, stop, chunk_size, groups)
+    # every matrix-product block is computed in this one buffer, in turn (no allocation per block)
+    buffer = torch.empty(chunk_size * chunk_size, dtype=torch.float64, device=z.device) if params is not None else None
     for i0 in range(0, z.shape[0], chunk_size):
         i1 = min(i0 + chunk_size, z.shape[0])
         acc = out[:, i0:i1].clone()
         for cols in blocks:
-            block = _block_log_q(z[i0:i1], table, cols, params)
+            block = _block_log_q(z[i0:i1], table, cols, params, buffer)
             if exclude is not None:
                 _mask_own(block, exclude[i0:i1], cols)
             if groups is None:
@@ -332,9 +334,11 @@ def _marginal_params(table: EncodedTable) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_log_q(z: torch.Tensor, table: EncodedTable, cols: torch.Tensor,
-                 params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 buffer: torch.Tensor | None = None) -> torch.Tensor:
     """log q(z_i | x_j) for a block of samples and the datapoints ``cols`` (sorted), float64 (I, J), on z's
-    device; ``params`` = :func:`_diag_params` (the table's loc and scale on that device), else the table's own."""
+    device; ``params`` = :func:`_diag_params` (the table's loc and scale on that device), else the table's own.
+    ``buffer`` (flat float64, at least I x J values): the matrix-product block is computed in it."""
     if table.family == "diag_normal":
         loc_all, scale_all = params if params is not None else (table.loc, table.scale)
         cols = cols.to(loc_all.device)
@@ -343,7 +347,10 @@ def _block_log_q(z: torch.Tensor, table: EncodedTable, cols: torch.Tensor,
         feats = torch.cat([z * z, z], dim=1)                      # (I, 2D)
         coef = torch.cat([-0.5 * w, loc * w], dim=1)              # (J, 2D)
         const = -0.5 * (loc * loc * w).sum(1) - torch.log(scale).sum(1) - 0.5 * z.shape[1] * _LOG_2PI
-        return feats @ coef.T + const[None, :]
+        if buffer is None:
+            return feats @ coef.T + const[None, :]
+        out = buffer[:z.shape[0] * cols.numel()].view(z.shape[0], cols.numel())
+        return torch.addmm(const[None, :], feats, coef.T, out=out)
     return _generic_block(z, table, int(cols[0]), int(cols[-1]) + 1)
 
 

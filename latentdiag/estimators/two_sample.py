@@ -327,8 +327,8 @@ def mmd_test(x: Any, y: Any, *, bandwidth: str | float | Sequence[float] = "medi
         return Estimate(name="mmd2", value=value, stderr=stderr, n=n + m, unit="squared kernel distance",
                         estimator=how, settings=settings, notes=tuple(notes), extra=extra)
 
-    columns = _permutation_columns(n + m, n, permutations, numpy_rng(seed, _STREAM_PERMUTATIONS))
-    stats, stderr = _mmd2_u_columns(pooled, columns, n, bandwidths, chunk_size=chunk_size, dtype=dtype,
+    indicators = _permutation_indicators(n + m, n, permutations, numpy_rng(seed, _STREAM_PERMUTATIONS))
+    stats, stderr = _mmd2_u_indicators(pooled, indicators, n, bandwidths, chunk_size=chunk_size, dtype=dtype,
                                     with_stderr=True, sharded=world_size > 1)
     value, null = float(stats[0]), stats[1:]
     pvalue = _permutation_pvalue(value, null, len(bandwidths))
@@ -422,6 +422,17 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
     ``sharded``: the rows of K @ [1 | columns] are split across the ranks of ``group`` (:func:`_mmd_row_sums` on
     each shard, gathered in rank order); every rank needs the same inputs and gets the same result.
     """
+    ones = torch.ones(columns.shape[0], 1, dtype=torch.float64)
+    return _mmd2_u_indicators(pooled, torch.cat([ones, columns.to(torch.float64)], 1), n, bandwidths,
+                              chunk_size=chunk_size, dtype=dtype, with_stderr=with_stderr, sharded=sharded,
+                              group=group)
+
+
+def _mmd2_u_indicators(pooled: torch.Tensor, indicators: torch.Tensor, n: int, bandwidths: Sequence[float], *,
+                       chunk_size: int, dtype: torch.dtype = torch.float64, with_stderr: bool = False,
+                       sharded: bool = False, group: Any = None) -> np.ndarray | tuple[np.ndarray, float]:
+    """:func:`_mmd2_u_columns` from the float64 indicator matrix [1 | columns] (N, 1 + C) itself (built whole by
+    :func:`_permutation_indicators`: no second N x C copy)."""
     big = pooled.shape[0]
     device = pooled.device
     # squared distances as one matrix product of augmented rows: [a, |a|^2, 1] . [-2 b, 1, |b|^2] = |a - b|^2;
@@ -434,18 +445,19 @@ def _mmd2_u_columns(pooled: torch.Tensor, columns: torch.Tensor, n: int, bandwid
     coefs = [-0.5 / float(h) ** 2 for h in bandwidths]
     if len(coefs) == 1:
         right = right * coefs[0]
-    indicators = torch.cat([torch.ones(big, 1, dtype=torch.float64), columns], 1).to(device)
+    indicators = indicators.to(device)
     ind = indicators.to(dtype)
     if sharded:
         acc = rows_across_ranks(lambda r0, r1: _mmd_row_sums(left, right, ind, coefs, r0, r1, chunk_size),
                                 big, group=group)
         return _mmd2_u_from_row_sums(acc, indicators, n, len(bandwidths), with_stderr)
     acc = torch.zeros_like(indicators)  # K @ indicators, float64
+    buffer = torch.empty(min(chunk_size, big) ** 2, dtype=dtype, device=device)  # every block, in turn
     for i0 in range(0, big, chunk_size):
         i1 = min(big, i0 + chunk_size)
         for j0 in range(i0, big, chunk_size):
             j1 = min(big, j0 + chunk_size)
-            k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=i0 == j0)
+            k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=i0 == j0, buffer=buffer)
             if dtype == torch.float64:
                 acc[i0:i1].addmm_(k, ind[j0:j1])
                 if j0 != i0:
@@ -472,6 +484,7 @@ def _mmd_row_sums(left: torch.Tensor, right: torch.Tensor, ind: torch.Tensor, co
     """
     big = left.shape[0]
     out = torch.zeros((stop - start, ind.shape[1]), dtype=torch.float64, device=left.device)
+    buffer = torch.empty(min(chunk_size, big) ** 2, dtype=left.dtype, device=left.device)  # every block, in turn
     full = ind.dtype == torch.float64
     for g0 in range(start - start % chunk_size, stop, chunk_size):  # the grid's row blocks that meet start..stop
         g1 = min(g0 + chunk_size, big)
@@ -480,9 +493,11 @@ def _mmd_row_sums(left: torch.Tensor, right: torch.Tensor, ind: torch.Tensor, co
         for j0 in range(0, big, chunk_size):
             j1 = min(big, j0 + chunk_size)
             if j0 < g0:  # below the diagonal: the pass computed block (j, g) and added its transpose to these rows
-                k = _kernel_block(left[j0:j1], right[g0:g1], coefs, diagonal=False).T[i0 - g0:i1 - g0]
+                k = _kernel_block(left[j0:j1], right[g0:g1], coefs, diagonal=False,
+                                  buffer=buffer).T[i0 - g0:i1 - g0]
             else:        # on or above it; on it, row i meets its own point at column i, offset i0 - j0
-                k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=j0 == g0, offset=i0 - j0)
+                k = _kernel_block(left[i0:i1], right[j0:j1], coefs, diagonal=j0 == g0, offset=i0 - j0,
+                                  buffer=buffer)
             if full:
                 rows.addmm_(k, ind[j0:j1])
             else:
@@ -495,7 +510,9 @@ def _mmd2_u_from_row_sums(acc: torch.Tensor, indicators: torch.Tensor, n: int, k
     """MMD^2_u of every indicator column from the row sums ``acc`` = K @ ``indicators`` (first column all ones)."""
     m = acc.shape[0] - n
     cols = indicators[:, 1:]
-    a_k_a = (acc[:, 1:] * cols).sum(0)
+    a_k_a = torch.zeros(cols.shape[1], dtype=acc.dtype, device=acc.device)
+    for r0 in range(0, acc.shape[0], 4096):  # row blocks: no third N x C array
+        a_k_a += (acc[r0:r0 + 4096, 1:] * cols[r0:r0 + 4096]).sum(0)
     a_r = cols.T @ acc[:, 0]
     total = acc[:, 0].sum()
     a_k_b = a_r - a_k_a
@@ -519,14 +536,19 @@ def _mmd2_u_stderr(row_all: torch.Tensor, row_x: torch.Tensor, n: int, diag: flo
 
 
 def _kernel_block(left: torch.Tensor, right: torch.Tensor, coefs: Sequence[float], *, diagonal: bool,
-                  offset: int = 0) -> torch.Tensor:
+                  offset: int = 0, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for a block of augmented rows (see :func:`_mmd2_u_columns`).
 
     One kernel: ``right`` is pre-scaled, the product is -||a - b||^2 / (2 h^2), clamped at 0 from above. Several:
     the product is ||a - b||^2, clamped at 0 from below. ``diagonal``: a_i is b_{i + offset}, so that distance is
-    0 exactly (rounding would leave it slightly off).
+    0 exactly (rounding would leave it slightly off). ``buffer`` (flat, at least rows x columns values): the
+    block is computed in it (one kernel), so that a pass over many blocks allocates none (the same product).
     """
-    prod = left @ right.T
+    if buffer is None:
+        prod = left @ right.T
+    else:
+        prod = torch.matmul(left, right.T, out=buffer[:left.shape[0] * right.shape[0]].view(left.shape[0],
+                                                                                            right.shape[0]))
     if len(coefs) == 1:
         prod.clamp_(max=0.0)
         if diagonal:
@@ -555,10 +577,16 @@ def _linear_terms(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float])
 
 def _permutation_columns(big: int, n: int, permutations: int, rng: np.random.Generator) -> torch.Tensor:
     """(N, 1 + B) float64 0/1 columns: the observed split (first n rows), then B random relabellings."""
-    cols = np.zeros((big, permutations + 1))
-    cols[:n, 0] = 1.0
+    return _permutation_indicators(big, n, permutations, rng)[:, 1:]
+
+
+def _permutation_indicators(big: int, n: int, permutations: int, rng: np.random.Generator) -> torch.Tensor:
+    """(N, 2 + B) float64: a column of ones, then :func:`_permutation_columns`'s columns (the same draws)."""
+    cols = np.zeros((big, permutations + 2))
+    cols[:, 0] = 1.0
+    cols[:n, 1] = 1.0
     for b in range(permutations):
-        cols[rng.permutation(big)[:n], b + 1] = 1.0
+        cols[rng.permutation(big)[:n], b + 2] = 1.0
     return torch.from_numpy(cols)
 
 

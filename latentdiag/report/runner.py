@@ -604,7 +604,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
     metric's timing). Under an initialised ``torch.distributed`` process group every rank runs the report: the
     pass is sharded across the ranks, and every rank gets the same report (``provenance["world_size"]``).
     """
-    from latentdiag._runtime import resolve_device
+    from latentdiag._runtime import release_free_memory, resolve_device
     from latentdiag._validation import check_int, check_seed
     from latentdiag.errors import InsufficientDataError
     from latentdiag.report.shared_pass import SharedPass
@@ -642,6 +642,7 @@ def run_report(model: Any, data: Any, *, metrics: str | Sequence[str] | None = N
             skipped[name] = f"too few data: {err}"
             continue
         finally:
+            release_free_memory()  # this metric's temporaries, before the next one's (see there)
             timings[name] = time.perf_counter() - start + ctx.shared.charged
         results += found
         gates.update({est.name: g for est in found if (g := _gates_of(metric, est))})
