@@ -159,6 +159,16 @@ def test_run_report_max_pairs(low_mi):
         run_report(model, x, metrics=["aggregate"], max_pairs=0)
 
 
+def _aggregate_report_args(tmp_path) -> list[str]:
+    """``latentdiag report`` of the aggregate metric on 200 digits of a small saved MLP VAE, JSON to stdout."""
+    from latentdiag.models import build_model, save_checkpoint
+
+    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}})
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, data={"name": "digits", "format": "binary"})
+    return ["report", str(ckpt), "--metrics", "aggregate", "--limit", "200", "--format", "json", "--no-files",
+            "--no-progress", "-q", "--device", "cpu"]
+
+
 def test_cli_max_pairs_bounds_the_report(tmp_path):
     """``latentdiag report --max-pairs N`` reaches the aggregate metric: flagged, with the subsample's n."""
     import json
@@ -166,12 +176,8 @@ def test_cli_max_pairs_bounds_the_report(tmp_path):
     from click.testing import CliRunner
 
     from latentdiag.cli.main import cli
-    from latentdiag.models import build_model, save_checkpoint
 
-    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}})
-    ckpt = save_checkpoint(tmp_path / "m.pt", model, data={"name": "digits", "format": "binary"})
-    args = ["report", str(ckpt), "--metrics", "aggregate", "--limit", "200", "--format", "json", "--no-files",
-            "--no-progress", "-q", "--device", "cpu"]
+    args = _aggregate_report_args(tmp_path)
     bounded = CliRunner().invoke(cli, [*args, "--max-pairs", "2500"])
     assert bounded.exit_code == 0, bounded.output
     mi = next(r for r in json.loads(bounded.stdout)["results"] if r["name"] == "mutual_information")
@@ -213,13 +219,9 @@ def test_cli_decompose_rows(tmp_path):
     from click.testing import CliRunner
 
     from latentdiag.cli.main import cli
-    from latentdiag.models import build_model, save_checkpoint
     from latentdiag.report import DECOMPOSE_ROWS
 
-    model = build_model({"name": "mlp_vae", "kwargs": {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}})
-    ckpt = save_checkpoint(tmp_path / "m.pt", model, data={"name": "digits", "format": "binary"})
-    args = ["report", str(ckpt), "--metrics", "aggregate", "--limit", "200", "--format", "json", "--no-files",
-            "--no-progress", "-q", "--device", "cpu"]
+    args = _aggregate_report_args(tmp_path)
     for extra, rows, n in ((["--decompose-rows", "50"], 50, 50), (["--decompose-rows", "0"], None, 200),
                            ([], DECOMPOSE_ROWS, 200)):
         out = CliRunner().invoke(cli, [*args, *extra])
