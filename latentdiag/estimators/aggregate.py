@@ -229,8 +229,8 @@ def aggregate_posterior(model_or_table: Any, data: DataLike | None = None, *, sa
             log_p = table.prior.log_prob(z.to(*prior_device_dtype(table.prior))).to("cpu", torch.float64)
     log_q_dims, skipped = None, None
     if decompose:
-        log_q_dims, skipped = _per_dim_marginals(table, z[dec], log_p_dims, per_dim_chunk_size, groups,
-                                                 bar.update)
+        log_q_dims, skipped = _per_dim_marginals(table, z if dec_n == table.n else z[dec], log_p_dims,
+                                                 per_dim_chunk_size, groups, bar.update)
     bar.close()
 
     levels = []
