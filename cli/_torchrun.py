@@ -15,9 +15,12 @@ WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in their environment. 
 4. agrees on the exit code (:meth:`TorchrunSession.finish`: the first failing rank's, in rank order; rank 0 says
    what failed on the other ranks) and destroys the process group it created.
 
-A rank that fails inside a collective that the others have not reached (a model raising on one shard only) leaves
-the others waiting until the process group's timeout (``LATENTDIAG_DIST_TIMEOUT`` seconds, default torch's),
-which then fails them.
+A model that raises on one rank's shard only fails that rank with its own error and the others with a
+:class:`~latentdiag.errors.PeerProcessError` naming it, with its exit code (the fold's batches end in one collective
+that every rank reaches, whether its batches worked or not). A rank that dies, or fails inside one of the pairwise
+kernels' sharded rows (the same arithmetic on every rank, so only a resource error can do it), leaves the others
+waiting until the process group's timeout (``LATENTDIAG_DIST_TIMEOUT`` seconds, default torch's), which then
+fails them.
 """
 
 from __future__ import annotations

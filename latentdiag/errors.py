@@ -15,7 +15,7 @@ import enum
 
 __all__ = [
     "ExitCode", "LatentdiagError", "InvalidDataError", "InsufficientDataError", "ProtocolViolationError",
-    "UserCodeExit", "ResourceLimitError", "OutputLocationError",
+    "UserCodeExit", "ResourceLimitError", "OutputLocationError", "PeerProcessError",
 ]
 
 
@@ -72,3 +72,14 @@ class OutputLocationError(LatentdiagError, OSError):
     """An output location (``--out``, ``--junit``, ``--json``) cannot be written: checked before any evaluation."""
 
     exit_code = ExitCode.USAGE
+
+
+class PeerProcessError(LatentdiagError, RuntimeError):
+    """Another process of a ``torch.distributed`` group failed during work that every process does together (a
+    fold's batches: the model raising, or refusing the data, on that process's shard only). This process stops
+    at the same point rather than wait in the next collective until the group's timeout. The message names the
+    process and its error; ``exit_code`` is that error's when it was a latentdiag error, else 3."""
+
+    def __init__(self, message: str, exit_code: int = ExitCode.RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode(exit_code)

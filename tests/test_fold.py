@@ -299,3 +299,80 @@ def test_merge_adds_the_rows_of_another_accumulator():
     np.testing.assert_allclose(first.compute().per_datapoint, whole.compute().per_datapoint, rtol=1e-12)
     with pytest.raises(TypeError, match="can only merge a RateAccumulator"):
         first.merge(DistortionAccumulator())
+
+
+class _FailsOnMarker(torch.nn.Module):
+    """The wrapped model, except that ``encode`` raises RuntimeError on a batch holding the value 777 and a
+    latentdiag InvalidDataError (exit 2) on one holding 555."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def encode(self, x):
+        if bool((x == 777.0).any()):
+            raise RuntimeError("boom on the marked batch")
+        if bool((x == 555.0).any()):
+            from latentdiag.errors import InvalidDataError
+
+            raise InvalidDataError("refused the marked batch")
+        return self.inner.encode(x)
+
+    def prior(self):
+        return self.inner.prior()
+
+    def log_likelihood(self, x, z):
+        return self.inner.log_likelihood(x, z)
+
+
+def _failing_rank_main(rank: int, world_size: int, init: str, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from latentdiag.errors import PeerProcessError
+
+    rec: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        torch.set_num_threads(1)
+        model, x = _model_and_data(37)                     # batches of 8: rank 0 folds 0, 2, 4; rank 1 folds 1, 3
+        for case, row, value in (("model", 8, 777.0), ("refused", 25, 555.0), ("nan", 30, math.nan)):
+            bad = x.clone()
+            bad[row, 0] = value
+            start = time.monotonic()
+            try:
+                fold(_FailsOnMarker(model), bad, [RateAccumulator()], batch_size=8)
+                rec[case] = None
+            except PeerProcessError as err:
+                rec[case] = ["PeerProcessError", str(err), int(err.exit_code)]
+            except Exception as err:  # noqa: BLE001 -- the failing rank's own error
+                rec[case] = [type(err).__name__, str(err), int(getattr(err, "exit_code", -1))]
+            rec[f"{case}_seconds"] = time.monotonic() - start
+        run, (rate, *_) = _all(model, x, 8)                 # the group still works afterwards
+        rec["after"] = rate.value
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- reported to the parent
+        rec["error"] = traceback.format_exc()
+    with open(out, "w") as fh:
+        json.dump(rec, fh)
+
+
+def test_a_process_that_fails_on_its_batches_stops_the_others_at_once(tmp_path):
+    """A model failing on one process's shard only: that process raises its own error, the other a
+    PeerProcessError naming it and carrying its exit code, at once (not after the group's 60 s timeout), and the
+    group stays usable; data that every process checks whole fail alike everywhere."""
+    zero, one = run_ranks(_failing_rank_main, tmp_path, timeout=100)
+    for rec in (zero, one):
+        assert "error" not in rec, rec["error"]
+    assert one["model"][0] == "RuntimeError" and "boom on the marked batch" in one["model"][1]
+    assert zero["model"][0] == "PeerProcessError" and zero["model"][2] == 3
+    assert "process 1 of 2 failed on its batches (RuntimeError: boom on the marked batch)" in zero["model"][1]
+    assert one["refused"][:1] == ["InvalidDataError"] and one["refused"][2] == 2          # batch 3: rank 1's
+    assert zero["refused"][0] == "PeerProcessError" and zero["refused"][2] == 2           # the same exit code
+    assert "InvalidDataError: refused the marked batch" in zero["refused"][1]
+    assert zero["nan"][0] == one["nan"][0] == "InvalidDataError"       # data checked whole: every process refuses
+    assert max(zero["model_seconds"], zero["refused_seconds"]) < 20
+    model, x = _model_and_data(37)
+    assert zero["after"] == pytest.approx(_all(model, x, 8)[1][0].value, rel=1e-6) == one["after"]

@@ -22,7 +22,8 @@ generator seeded per batch, so their results depend on the batching; :attr:`Fold
 **Processes.** Under an initialised ``torch.distributed`` process group (``torchrun``, or a user's own), every rank
 reads the whole data stream and evaluates the batches b with ``b % world_size == rank``; the states are then
 all-reduced / all-gathered, so every rank computes the same results. The model weights, the data size and the
-seed are compared across ranks first: a mismatch is a ValueError on every rank, never a hang.
+seed are compared across ranks first: a mismatch is a ValueError on every rank, never a hang. A model that fails
+on one rank's batches fails the others too, at once (:class:`~latentdiag.errors.PeerProcessError`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from latentdiag._random import block_span, datapoint_normal, resolve_seed, seede
 from latentdiag._runtime import check_model_on, evaluation, release_free_memory, resolve_device
 from latentdiag._validation import check_int, check_seed
 from latentdiag._validation import clip_message
-from latentdiag.errors import InvalidDataError, LatentdiagError, ProtocolViolationError
+from latentdiag.errors import (ExitCode, InvalidDataError, LatentdiagError, PeerProcessError,
+                               ProtocolViolationError)
 from latentdiag.estimators._common import NonFiniteEstimateError, check_model_arg, encode_checked, model_dtype
 
 __all__ = ["Accumulator", "BatchView", "ColumnsAccumulator", "FoldRun", "fold", "batch_size_for_world"]
@@ -351,9 +353,40 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
         if isinstance(model, torch.nn.Module):
             _distributed.check_same_across_ranks("model (weights fingerprint)", _distributed.module_fingerprint(model),
                                                  group)
+    mine: list[torch.Tensor] = []
+    failure: Exception | None = None
+    seen = calls = n_batches = 0
+    keyed = True
+    try:
+        seen, calls, keyed, n_batches = _fold_batches(model, data, accumulators, mine, batch_size, seed, run_device,
+                                                      rank, world_size, progress, desc)
+    except Exception as err:  # noqa: BLE001 -- re-raised below, once the other processes know
+        if world_size == 1:
+            raise
+        failure = err
+    if world_size > 1:
+        _agree_on_failure(failure, desc, group)
+        _distributed.check_same_across_ranks("data size (datapoints)", seen, group)
+        if n_batches < world_size:  # every rank sees every batch, so all raise alike
+            raise ValueError(f"the data make {n_batches} batch(es) for {world_size} processes: every "
+                             "process needs at least one batch; use a smaller batch_size or fewer processes.")
+        calls = int(_distributed.all_reduce_sum(torch.tensor([calls]), group)[0])
+        keyed = bool(_distributed.all_reduce_sum(torch.tensor([int(not keyed)]), group)[0] == 0)
+    order = _data_order(mine, group)
+    run = FoldRun(n=seen, encoder_calls=calls, device=str(run_device), dtype=model_dtype(model), seed=seed,
+                  batch_size=batch_size, world_size=world_size, keyed=keyed)
+    for acc in accumulators:
+        acc._finish(order, group)
+        acc.run = run
+    return run
+
+
+def _fold_batches(model, data, accumulators, mine, batch_size, seed, run_device, rank, world_size, progress, desc):
+    """The batch loop of :func:`fold` (this process's batches); returns (datapoints seen, encoder calls, whether
+    every draw was keyed, batches seen) and appends each own batch's datapoint indices to ``mine``."""
     from tqdm.auto import tqdm
 
-    seen, calls, keyed, mine, n_batches = 0, 0, True, [], 0
+    seen, calls, keyed, n_batches = 0, 0, True, 0
     with evaluation(model):
         batches = iter_batches(data, batch_size=batch_size)
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False):
@@ -376,20 +409,25 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
                 keyed &= not view.unkeyed
             del view, q, p
             release_free_memory()  # the batch's temporaries, which glibc would otherwise keep (see there)
-    if world_size > 1:
-        _distributed.check_same_across_ranks("data size (datapoints)", seen, group)
-        if n_batches < world_size:  # every rank sees every batch, so all raise alike
-            raise ValueError(f"the data make {n_batches} batch(es) for {world_size} processes: every "
-                             "process needs at least one batch; use a smaller batch_size or fewer processes.")
-        calls = int(_distributed.all_reduce_sum(torch.tensor([calls]), group)[0])
-        keyed = bool(_distributed.all_reduce_sum(torch.tensor([int(not keyed)]), group)[0] == 0)
-    order = _data_order(mine, group)
-    run = FoldRun(n=seen, encoder_calls=calls, device=str(run_device), dtype=model_dtype(model), seed=seed,
-                  batch_size=batch_size, world_size=world_size, keyed=keyed)
-    for acc in accumulators:
-        acc._finish(order, group)
-        acc.run = run
-    return run
+    return seen, calls, keyed, n_batches
+
+
+def _agree_on_failure(failure: Exception | None, desc: str, group: Any) -> None:
+    """Every process says whether its batches failed (one collective that all of them reach): the failing one
+    raises its own error, the others a :class:`~latentdiag.errors.PeerProcessError` naming it, so that none waits
+    in the next collective until the group's timeout (or, worse, meets another process's different collective)."""
+    said = None
+    if failure is not None:
+        said = (f"{type(failure).__name__}: {clip_message(str(failure))}",
+                int(failure.exit_code) if isinstance(failure, LatentdiagError) else int(ExitCode.RUNTIME))
+    everyone = _distributed.gather_objects(said, group)
+    if failure is not None:
+        raise failure
+    failed = [(r, s) for r, s in enumerate(everyone) if s is not None]
+    if failed:
+        rank, (what, code) = failed[0]
+        raise PeerProcessError(f"{desc}: process {rank} of {len(everyone)} failed on its batches ({what}); this "
+                               "process stopped at the same point", exit_code=code)
 
 
 def batch_size_for_world(data: Any, batch_size: int, group: Any = None) -> int:
