@@ -212,6 +212,21 @@ def test_report_decompose_rows_subsamples_the_decomposition_only(low_mi):
         run_report(model, x, metrics=["aggregate"], decompose_rows=1)
 
 
+def test_max_pairs_and_decompose_rows_together_state_each_estimates_own_n(low_mi):
+    """max_pairs subsamples the datapoints, decompose_rows then the decomposition's: each estimate's standard-error
+    factor against all N is from its own n, and the rows note speaks of the datapoints evaluated."""
+    _, table = low_mi
+    res = ld.aggregate_posterior(table.subset(torch.arange(400)), max_pairs=200 * 200, decompose_rows=50,
+                                 convergence=False)
+    assert res.mutual_information.n == 200 and res.total_correlation.n == 50
+    assert res.mutual_information.extra["subsample_stderr_factor"] == pytest.approx(math.sqrt(400 / 200))
+    assert res.total_correlation.extra["subsample_stderr_factor"] == pytest.approx(math.sqrt(400 / 50))
+    for name in ("total_correlation", "dimwise_kl"):
+        est = getattr(res, name)
+        assert {"subsampled", "rows_subsampled"} <= set(est.flags)
+        assert any("of the 200 datapoints evaluated" in note for note in est.notes)
+
+
 def test_cli_decompose_rows(tmp_path):
     """``--decompose-rows N`` reaches the aggregate metric (0: every datapoint); its default is DECOMPOSE_ROWS."""
     import json

@@ -303,7 +303,7 @@ def test_merge_adds_the_rows_of_another_accumulator():
 
 class _FailsOnMarker(torch.nn.Module):
     """The wrapped model, except that ``encode`` raises RuntimeError on a batch holding the value 777 and a
-    latentdiag InvalidDataError (exit 2) on one holding 555."""
+    latentdiag InvalidDataError (exit 2) on one holding 555; it calls sys.exit(5) on one holding 333."""
 
     def __init__(self, inner):
         super().__init__()
@@ -316,6 +316,10 @@ class _FailsOnMarker(torch.nn.Module):
             from latentdiag.errors import InvalidDataError
 
             raise InvalidDataError("refused the marked batch")
+        if bool((x == 333.0).any()):
+            import sys
+
+            sys.exit(5)
         return self.inner.encode(x)
 
     def prior(self):
@@ -338,7 +342,8 @@ def _failing_rank_main(rank: int, world_size: int, init: str, out: str) -> None:
                                 timeout=datetime.timedelta(seconds=60))
         torch.set_num_threads(1)
         model, x = _model_and_data(37)                     # batches of 8: rank 0 folds 0, 2, 4; rank 1 folds 1, 3
-        for case, row, value in (("model", 8, 777.0), ("refused", 25, 555.0), ("nan", 30, math.nan)):
+        for case, row, value in (("model", 8, 777.0), ("refused", 25, 555.0), ("exit", 9, 333.0),
+                                 ("nan", 30, math.nan)):
             bad = x.clone()
             bad[row, 0] = value
             start = time.monotonic()
@@ -347,7 +352,7 @@ def _failing_rank_main(rank: int, world_size: int, init: str, out: str) -> None:
                 rec[case] = None
             except PeerProcessError as err:
                 rec[case] = ["PeerProcessError", str(err), int(err.exit_code)]
-            except Exception as err:  # noqa: BLE001 -- the failing rank's own error
+            except BaseException as err:  # noqa: BLE001 -- the failing rank's own error (SystemExit too)
                 rec[case] = [type(err).__name__, str(err), int(getattr(err, "exit_code", -1))]
             rec[f"{case}_seconds"] = time.monotonic() - start
         run, (rate, *_) = _all(model, x, 8)                 # the group still works afterwards
@@ -372,7 +377,9 @@ def test_a_process_that_fails_on_its_batches_stops_the_others_at_once(tmp_path):
     assert one["refused"][:1] == ["InvalidDataError"] and one["refused"][2] == 2          # batch 3: rank 1's
     assert zero["refused"][0] == "PeerProcessError" and zero["refused"][2] == 2           # the same exit code
     assert "InvalidDataError: refused the marked batch" in zero["refused"][1]
+    assert one["exit"][0] == "SystemExit" and zero["exit"][0] == "PeerProcessError" and zero["exit"][2] == 3
+    assert "process 1 of 2 failed on its batches (SystemExit: 5)" in zero["exit"][1]
     assert zero["nan"][0] == one["nan"][0] == "InvalidDataError"       # data checked whole: every process refuses
-    assert max(zero["model_seconds"], zero["refused_seconds"]) < 20
+    assert max(zero["model_seconds"], zero["refused_seconds"], zero["exit_seconds"]) < 20
     model, x = _model_and_data(37)
     assert zero["after"] == pytest.approx(_all(model, x, 8)[1][0].value, rel=1e-6) == one["after"]

@@ -76,6 +76,27 @@ def test_linear_seeds_in_threads_equal_the_serial_fits_and_convergence_is_flagge
     assert "not_converged" not in together.flags
 
 
+def test_linear_fits_with_fewer_rows_than_features_are_serial_and_reproducible():
+    """Fewer rows than features: liblinear's dual solver draws from one process-wide generator that each fit
+    reseeds, so threaded fits would disturb each other; the probe then fits serially and gives the same numbers
+    every time (with a thread pool offered) as without one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from latentdiag.estimators.probes import _LinearFitter
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(80, 1, 300)), np.arange(80) % 3
+    fitter = _LinearFitter(max_iter=200)
+    serial = fitter.fit_seeds(x, y, 3, [0, 1])
+    scores = [f.predict_scores(x) for f, _ in serial]
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            offered = fitter.fit_seeds(x, y, 3, [0, 1], pool.map)
+        for (f, info), ref, (_, ref_info) in zip(offered, scores, serial):
+            np.testing.assert_array_equal(f.predict_scores(x), ref)
+            assert info["temperature"] == ref_info["temperature"] and info["C"] == ref_info["C"]
+
+
 @pytest.mark.parametrize("probe, opts", [(linear_probe, {}), (nonlinear_probe, FAST)])
 def test_labels_independent_of_the_representation_give_chance(probe, opts):
     rng = np.random.default_rng(1)

@@ -351,11 +351,13 @@ def _subsample_note(sub: dict[str, Any], samples_per_point: int) -> str:
 
 
 def _mark_subsampled(est: Estimate, sub: dict[str, Any], samples_per_point: int) -> Estimate:
+    """``est`` flagged ``subsampled`` with the note; the standard-error factor is against all N datapoints from the
+    estimate's own n (the max_pairs subsample's, or fewer for a decomposition of ``decompose_rows``)."""
     import dataclasses
 
     note = _subsample_note(sub, samples_per_point)
     extra = {**est.extra, "n_total": float(sub["n_total"]),
-             "subsample_stderr_factor": math.sqrt(sub["n_total"] / sub["n_used"])}
+             "subsample_stderr_factor": math.sqrt(sub["n_total"] / est.n)}
     return dataclasses.replace(est, notes=(note, *est.notes), flags=(*est.flags, "subsampled"), extra=extra)
 
 
@@ -517,9 +519,9 @@ def _estimates(table, terms, meta, per_dim, settings, margin, conv, dec_n):
         if dec_n < n:
             flags.append("rows_subsampled")
             notes.insert(0, f"rows subsampled: averaged over the samples of a seeded random subset of {dec_n:,} of "
-                            f"the N = {n:,} datapoints, each against the marginals of all N (the same bias as the "
-                            f"full estimate); its standard error includes the subsampling, about "
-                            f"{math.sqrt(n / dec_n):.2f} x the full-data one (decompose_rows)")
+                            f"the {n:,} datapoints evaluated, each against the marginals of all {n:,} (the same bias "
+                            f"as their full estimate); its standard error includes the subsampling, about "
+                            f"{math.sqrt(n / dec_n):.2f} x theirs (decompose_rows)")
         out["total_correlation"] = make(
             "total_correlation", "total_correlation", "E[log q(z) - sum_d log q(z_d)], full-data marginals "
             "(Chen et al. 2018)", notes, flags, n=dec_n)

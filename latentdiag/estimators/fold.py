@@ -354,14 +354,14 @@ def fold(model: Any, data: DataLike, accumulators: Sequence[Accumulator], *, bat
             _distributed.check_same_across_ranks("model (weights fingerprint)", _distributed.module_fingerprint(model),
                                                  group)
     mine: list[torch.Tensor] = []
-    failure: Exception | None = None
+    failure: BaseException | None = None
     seen = calls = n_batches = 0
     keyed = True
     try:
         seen, calls, keyed, n_batches = _fold_batches(model, data, accumulators, mine, batch_size, seed, run_device,
                                                       rank, world_size, progress, desc)
-    except Exception as err:  # noqa: BLE001 -- re-raised below, once the other processes know
-        if world_size == 1:
+    except BaseException as err:  # noqa: BLE001 -- re-raised below, once the other processes know (also a
+        if world_size == 1:       # sys.exit or KeyboardInterrupt in the model's code on this process only)
             raise
         failure = err
     if world_size > 1:
@@ -412,14 +412,15 @@ def _fold_batches(model, data, accumulators, mine, batch_size, seed, run_device,
     return seen, calls, keyed, n_batches
 
 
-def _agree_on_failure(failure: Exception | None, desc: str, group: Any) -> None:
+def _agree_on_failure(failure: BaseException | None, desc: str, group: Any) -> None:
     """Every process says whether its batches failed (one collective that all of them reach): the failing one
     raises its own error, the others a :class:`~latentdiag.errors.PeerProcessError` naming it, so that none waits
     in the next collective until the group's timeout (or, worse, meets another process's different collective)."""
     said = None
     if failure is not None:
-        said = (f"{type(failure).__name__}: {clip_message(str(failure))}",
-                int(failure.exit_code) if isinstance(failure, LatentdiagError) else int(ExitCode.RUNTIME))
+        code = (failure.exit_code if isinstance(failure, LatentdiagError) else
+                ExitCode.INTERRUPTED if isinstance(failure, KeyboardInterrupt) else ExitCode.RUNTIME)
+        said = (f"{type(failure).__name__}: {clip_message(str(failure))}", int(code))
     everyone = _distributed.gather_objects(said, group)
     if failure is not None:
         raise failure

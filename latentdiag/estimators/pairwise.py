@@ -151,7 +151,9 @@ def _logsumexp_log_q(z, table, chunk_size, start, stop, exclude, groups, n_group
     out = torch.full((n_groups, z.shape[0]), -math.inf, dtype=torch.float64, device=z.device)
     blocks = _datapoint_blocks(table, start, stop, chunk_size, groups)
     # every matrix-product block is computed in this one buffer, in turn (no allocation per block)
-    buffer = torch.empty(chunk_size * chunk_size, dtype=torch.float64, device=z.device) if params is not None else None
+    width = max((b.numel() for b in blocks), default=0)
+    buffer = (torch.empty(min(chunk_size, z.shape[0]) * width, dtype=torch.float64, device=z.device)
+              if params is not None else None)
     for i0 in range(0, z.shape[0], chunk_size):
         i1 = min(i0 + chunk_size, z.shape[0])
         acc = out[:, i0:i1].clone()

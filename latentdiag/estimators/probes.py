@@ -609,12 +609,18 @@ class _LinearFitter:
     def fit_seeds(self, x: np.ndarray, y: np.ndarray, n_classes: int, seeds: list[int],
                   map_fn: Callable[..., Any] = map) -> list[tuple[_Fitted, dict[str, Any]]]:
         """One probe per seed, in seed order: the fits of every (seed, C) pair, then each seed's refit, each
-        phase through ``map_fn`` (a thread pool's ``map``: every fit is independent and seeded, so the results
-        are those of the serial loop, with the fits spread over the cores)."""
+        phase through ``map_fn`` (a thread pool's ``map``), so that the fits spread over the cores. Threads only
+        when every fit has at least as many rows as features: ``dual="auto"`` then picks liblinear's primal
+        solver, which draws no random numbers, so the threaded fits are those of the serial loop. The dual solver
+        (fewer rows than features) draws from one process-wide generator that every fit reseeds: concurrent fits
+        would disturb each other's draws, so those run serially."""
         k = x.shape[1]
         flat = lambda idx: (x[idx].reshape(-1, x.shape[-1]), np.repeat(y[idx], k))  # noqa: E731
         everything = np.arange(y.size)
         splits = [_validation_split(y, self.validation_fraction, s) for s in seeds]
+        smallest = min(y.size if split is None else split[0].size for split in splits) * k
+        if smallest < x.shape[-1]:
+            map_fn = map
         searches = [(j, c) for j, split in enumerate(splits) if split is not None for c in self.C_grid]
         searched = list(map_fn(lambda task: self._fit(*flat(splits[task[0]][0]), task[1], seeds[task[0]]),
                                searches))
@@ -674,9 +680,10 @@ def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
 
 def _fit_seeds(fit: Any, data: ProbeData, seeds: list[int]) -> list[tuple[Any, dict[str, Any]]]:
     """``fit(x, y, classes, seed)`` for every seed, in seed order. The linear probe's fits run in threads (one per
-    core), first every (seed, C) pair of the search, then the seeds' refits: liblinear releases the GIL, and each
-    fit is independent and seeded, so the results are those of the serial loop (18 fits for 3 seeds and 5 C
-    values: about half the serial time on 2 cores, where threads per seed left one core idle for the third). The MLP probe runs serially (torch already uses the cores, and
+    core), first every (seed, C) pair of the search, then the seeds' refits: liblinear releases the GIL, and with
+    the primal solver each fit is independent and seeded, so the results are those of the serial loop (18 fits
+    for 3 seeds and 5 C values: about half the serial time on 2 cores; see :meth:`_LinearFitter.fit_seeds` for
+    when they run serially instead). The MLP probe runs serially (torch already uses the cores, and
     its seeding forks torch's global generator, which threads would share)."""
     args = (data.x_train, data.y_train, data.n_classes)
     if not isinstance(fit, _LinearFitter):
