@@ -85,17 +85,25 @@ def evaluation(model: Any) -> Iterator[None]:
 
 
 _LIBC: Any = None  # glibc, loaded on first use; False where there is none (macOS, Windows, musl without it)
+_LAST_RELEASE = 0.0  # time.monotonic() of the last release
 
 
-def release_free_memory() -> None:
+def release_free_memory(min_interval: float = 0.0) -> None:
     """Give the process's freed heap memory back to the operating system (glibc ``malloc_trim(0)``; a no-op
     elsewhere). Why: glibc raises its mmap threshold after large blocks are freed, so the many few-megabyte
     temporaries of a pass (the decoder's per-position tensors, the kernels' blocks) are then served from the heap
     and kept there after they are freed; the resident memory grows by hundreds of megabytes that nothing uses
     (measured on the report's pass at N = 10,000: peak RSS about 200 MB above the live data). Releasing between
     batches and between metrics keeps the peak near what is live; it changes no number and costs about a
-    millisecond. Dask's workers do the same (``malloc_trim`` on a timer)."""
-    global _LIBC
+    millisecond. Dask's workers do the same (``malloc_trim`` on a timer). ``min_interval``: do nothing when the
+    last release was less than that many seconds ago (a fold of many tiny batches calls it per batch)."""
+    global _LIBC, _LAST_RELEASE
+    import time
+
+    now = time.monotonic()
+    if now - _LAST_RELEASE < min_interval:
+        return
+    _LAST_RELEASE = now
     if _LIBC is None:
         try:
             import ctypes

@@ -408,7 +408,7 @@ def _fold_batches(model, data, accumulators, mine, batch_size, seed, run_device,
                     acc.update(view)
                 keyed &= not view.unkeyed
             del view, q, p
-            release_free_memory()  # the batch's temporaries, which glibc would otherwise keep (see there)
+            release_free_memory(0.2)  # the batches' temporaries, which glibc would otherwise keep (see there)
     return seen, calls, keyed, n_batches
 
 
