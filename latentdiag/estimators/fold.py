@@ -216,7 +216,7 @@ class Accumulator:
                                                         group)
                     known = [m for m in metas if m is not None]
                     if known:
-                        shape = _sum_shape({m[0] for m in known}, self.name, key)
+                        shape = _common_shape({m[0] for m in known}, f"{self.name}: the sum state {key!r}")
                         local = torch.zeros(shape, dtype=known[0][1]) if state is None else _pad_to(state, shape)
                         self._state[key] = _distributed.all_reduce_sum(local, group)
                 continue
@@ -234,9 +234,9 @@ class Accumulator:
                 dtype = next((m[1] for m in metas if m[1] is not None), None)
             rows = None
             if shapes:
-                width = _ragged_width(shapes)
-                trailing = (width,) if width is not None else next(iter(shapes))
-                rows = _cat_rows(state, width) if state else torch.empty((0, *trailing), dtype=dtype)
+                trailing = _common_shape(shapes, f"{self.name}: the rows of state {key!r}")
+                rows = (torch.cat([_pad_to(t, trailing) for t in state]) if state else
+                        torch.empty((0, *trailing), dtype=dtype))
                 if distributed:
                     rows = _distributed.all_gather_cat(rows, group)
             if rows is None:
@@ -253,43 +253,31 @@ def _in_order(order: torch.Tensor) -> bool:
     return bool(torch.equal(order, torch.arange(order.shape[0])))
 
 
-def _ragged_width(shapes: set[tuple[int, ...]]) -> int | None:
-    """The longest row of 1-D rows of different lengths (sequences batched to their own length), else None."""
-    if len(shapes) <= 1:
-        return None
-    if any(len(s) != 1 for s in shapes):
-        raise ValueError(f"batches gave rows of different shapes {sorted(shapes)}; only 1-D rows (sequences) may "
-                         "differ in length between batches.")
-    return max(s[0] for s in shapes)
-
-
-def _sum_shape(shapes: set[tuple[int, ...]], name: str, key: str) -> tuple[int, ...]:
-    """The shape of a sum state over batches or ranks: all equal, or 1-D of different lengths (the longest)."""
+def _common_shape(shapes: set[tuple[int, ...]], what: str) -> tuple[int, ...]:
+    """The one trailing shape of a state's rows (or sums) over batches and ranks: all equal, or 1-D of different
+    lengths (sequences batched to their own length; per-position sums over them): the longest."""
     if len(shapes) == 1:
         return next(iter(shapes))
     if any(len(s) != 1 for s in shapes):
-        raise ValueError(f"{name}: the sum state {key!r} had different shapes {sorted(shapes)}; only 1-D sums "
-                         "(per-position sums over sequences) may differ in length.")
+        raise ValueError(f"{what} had different shapes {sorted(shapes)}; only 1-D ones (sequences) may differ in "
+                         "length between batches.")
     return (max(s[0] for s in shapes),)
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return t if tuple(t.shape) == shape else torch.nn.functional.pad(t, (0, shape[0] - t.shape[0]))
+    """``t`` (a sum of ``shape``, or rows of it) right-padded with zeros (False: not counted) along its last axis
+    to a 1-D ``shape``'s length; zeros add nothing to a sum."""
+    if len(shape) != 1 or t.shape[-1] == shape[0]:
+        return t
+    return torch.nn.functional.pad(t, (0, shape[0] - t.shape[-1]), value=0)
 
 
 def _add_sums(a: torch.Tensor, b: torch.Tensor, name: str, key: str) -> torch.Tensor:
-    """a + b; 1-D sums of different lengths are zero-padded to the longer one first (zeros add nothing)."""
+    """a + b; 1-D sums of different lengths are zero-padded to the longer one first."""
     if a.shape == b.shape:
         return a + b
-    shape = _sum_shape({tuple(a.shape), tuple(b.shape)}, name, key)
+    shape = _common_shape({tuple(a.shape), tuple(b.shape)}, f"{name}: the sum state {key!r}")
     return _pad_to(a, shape) + _pad_to(b, shape)
-
-
-def _cat_rows(parts: list[torch.Tensor], width: int | None) -> torch.Tensor:
-    """Concatenate the rows, right-padding 1-D rows with zeros (False: not counted) to ``width``."""
-    if width is not None:
-        parts = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0) for t in parts]
-    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
