@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -102,3 +105,11 @@ def run_ranks(target, tmp_path, *, world_size: int = 2, timeout: float = 120.0) 
         procs[r].join()
     assert not hung, f"ranks {hung} did not finish within {timeout:g} s"
     return [json.loads(open(o).read()) for o in outs]
+
+
+def run_torchrun(script, *args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 script args`` with one OpenMP thread per
+    process; stdout and stderr captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)

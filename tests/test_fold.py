@@ -204,14 +204,21 @@ def _ragged_batches():
     return [s[:8, :6], s[8:16], s[16:, :6]]
 
 
+def _join(rank: int, world_size: int, init: str, *, seconds: float) -> None:
+    """Join the test's gloo group (a ``seconds`` timeout), one thread per process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=seconds))
+    torch.set_num_threads(1)
+
+
 def _rank_main(rank: int, world_size: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     rec: dict = {}
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=30))
-        torch.set_num_threads(1)
+        _join(rank, world_size, init, seconds=30)
         model, x = _model_and_data(37)                                  # 37 rows in batches of 8: 3 + 2 batches
         run, (rate, dist_, elbo, iw, table) = _all(model, x, 8)
         rec["run"] = [run.n, run.encoder_calls, run.world_size]
@@ -338,9 +345,7 @@ def _failing_rank_main(rank: int, world_size: int, init: str, out: str) -> None:
 
     rec: dict = {}
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=60))
-        torch.set_num_threads(1)
+        _join(rank, world_size, init, seconds=60)
         model, x = _model_and_data(37)                     # batches of 8: rank 0 folds 0, 2, 4; rank 1 folds 1, 3
         for case, row, value in (("model", 8, 777.0), ("refused", 25, 555.0), ("exit", 9, 333.0),
                                  ("nan", 30, math.nan)):

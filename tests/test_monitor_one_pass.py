@@ -5,15 +5,12 @@ marginal-KL bracket, and under DDP every rank takes part in the (sharded) pass a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from helpers import EncodeCounter
+from helpers import EncodeCounter, run_torchrun
 
 import latentdiag as ld
 from latentdiag._random import child_seed
@@ -107,9 +104,7 @@ _DDP_SCRIPT = textwrap.dedent('''
 def test_ddp_monitoring_runs_on_every_rank_and_gives_the_one_process_numbers(tmp_path):
     script = tmp_path / "ddp_monitor.py"
     script.write_text(_DDP_SCRIPT.format(tiny=TINY))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path / "rank")], env=env, capture_output=True, text=True, timeout=240)
+    res = run_torchrun(script, str(tmp_path / "rank"))
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
     namespace: dict = {}

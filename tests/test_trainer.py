@@ -4,14 +4,12 @@ reproduces an uninterrupted run; DDP (gloo, 2 processes) gives the single-proces
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import run_torchrun
 
 from latentdiag.cli.train_cmd import train as train_command
 from latentdiag.models.checkpoint import load_reference_checkpoint
@@ -267,10 +265,7 @@ _DDP_SCRIPT = textwrap.dedent('''
 def test_ddp_on_cpu_with_two_processes_gives_the_single_process_losses(tmp_path):
     script = tmp_path / "ddp_worker.py"
     script.write_text(_DDP_SCRIPT.format(tiny=TINY))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path / "ddp.json")], env=env, capture_output=True, text=True,
-                         timeout=240)
+    res = run_torchrun(script, str(tmp_path / "ddp.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     namespace: dict = {}
