@@ -30,7 +30,9 @@ def _rss_mb() -> float | None:
 
 def _release_free_heap() -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that the RSS measured before the timed
-    calls does not depend on how much freed memory the allocator happened to keep from the set-up."""
+    calls does not depend on how much freed memory the allocator happened to keep from the set-up. (The library's
+    own ``latentdiag._runtime.release_free_memory`` does the same, but workers may time an older commit's library
+    through ``--library``, which lacks it.)"""
     try:
         import ctypes
 

@@ -349,9 +349,7 @@ def _block_log_q(z: torch.Tensor, table: EncodedTable, cols: torch.Tensor,
         feats = torch.cat([z * z, z], dim=1)                      # (I, 2D)
         coef = torch.cat([-0.5 * w, loc * w], dim=1)              # (J, 2D)
         const = -0.5 * (loc * loc * w).sum(1) - torch.log(scale).sum(1) - 0.5 * z.shape[1] * _LOG_2PI
-        if buffer is None:
-            return feats @ coef.T + const[None, :]
-        out = buffer[:z.shape[0] * cols.numel()].view(z.shape[0], cols.numel())
+        out = None if buffer is None else buffer[:z.shape[0] * cols.numel()].view(z.shape[0], cols.numel())
         return torch.addmm(const[None, :], feats, coef.T, out=out)
     return _generic_block(z, table, int(cols[0]), int(cols[-1]) + 1)
 

@@ -603,9 +603,6 @@ class _LinearFitter:
         full[:, fitted] = s
         return full
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
-        return self.fit_seeds(x, y, n_classes, [seed])[0]
-
     def fit_seeds(self, x: np.ndarray, y: np.ndarray, n_classes: int, seeds: list[int],
                   map_fn: Callable[..., Any] = map) -> list[tuple[_Fitted, dict[str, Any]]]:
         """One probe per seed, in seed order: the fits of every (seed, C) pair, then each seed's refit, each

@@ -544,11 +544,8 @@ def _kernel_block(left: torch.Tensor, right: torch.Tensor, coefs: Sequence[float
     0 exactly (rounding would leave it slightly off). ``buffer`` (flat, at least rows x columns values): the
     block is computed in it (one kernel), so that a pass over many blocks allocates none (the same product).
     """
-    if buffer is None:
-        prod = left @ right.T
-    else:
-        prod = torch.matmul(left, right.T, out=buffer[:left.shape[0] * right.shape[0]].view(left.shape[0],
-                                                                                            right.shape[0]))
+    rows, cols = left.shape[0], right.shape[0]
+    prod = torch.matmul(left, right.T, out=None if buffer is None else buffer[:rows * cols].view(rows, cols))
     if len(coefs) == 1:
         prod.clamp_(max=0.0)
         if diagonal:
